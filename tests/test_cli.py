@@ -1,0 +1,31 @@
+"""The `lora` command line."""
+
+import torch
+
+import lora
+from lora.cli import main
+from conftest import make_char_llama, make_char_tokenizer, randomize_adapters
+
+
+def test_generate_with_an_adapter_matches_the_library(tmp_path, capsys):
+    tok = make_char_tokenizer()
+    model = make_char_llama(tok)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    lora.inject(model, lora.LoraConfig(r=4))
+    randomize_adapters(model, std=0.5)
+    lora.save_adapter(model, tmp_path / "ad")
+    expected = lora.generate(model, tok, "hello", max_new_tokens=6, temperature=0)
+    with torch.no_grad(), lora.disabled(model):
+        base_text = lora.generate(model, tok, "hello", max_new_tokens=6, temperature=0)
+    assert expected != base_text  # the adapter changes what is generated
+
+    code = main(["generate", "--model", str(tmp_path / "m"), "--adapter", str(tmp_path / "ad"), "--prompt", "hello",
+                 "--max-new-tokens", "6", "--temperature", "0"])
+    assert code == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_errors_exit_2_with_the_message(capsys, tmp_path):
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "lora generate: error: no model" in capsys.readouterr().err

@@ -1,0 +1,144 @@
+"""JSONL formats, prompt masking, over-long policy, and packing that leaves the loss unchanged."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lora.data import IGNORE, collate, load_dataset, model_inputs, pack, read_jsonl
+from conftest import make_char_llama, make_char_tokenizer
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("row, fmt", [
+    ({"instruction": "Say hi", "output": "hi"}, "alpaca"),
+    ({"instruction": "Echo", "input": "x", "output": "x"}, "alpaca"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "chat"),
+    ({"prompt": "p", "completion": "c"}, "prompt_completion"),
+    ({"text": "hello world"}, "text"),
+    ({"text": "win a prize", "label": "spam"}, "classification"),
+])
+def test_format_is_detected_from_the_keys(tmp_path, row, fmt):
+    assert read_jsonl(write_jsonl(tmp_path / "d.jsonl", [row, row]))[0] == fmt
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"instruction": "a", "output": "b"}', '{"instruction": "a"'], r"d.jsonl:2: not valid JSON"),
+    (['{"foo": 1}'], r"d.jsonl:1: cannot tell the format from the keys \['foo'\]; expected"),
+    (['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": 3}'],
+     r"d.jsonl:2: 'instruction' and 'output' .* must be strings for the 'alpaca' format"),
+    (['[1, 2]'], r"d.jsonl:1: expected a JSON object, found list"),
+    (['{"messages": [{"role": "robot", "content": "x"}]}'], r"d.jsonl:1: messages\[0\] must be"),
+    (['{"messages": [{"role": "user", "content": "x"}]}'], r"d.jsonl:1: 'messages' has no assistant turn"),
+    ([''], "holds no examples"),
+])
+def test_bad_lines_name_file_line_found_and_expected(tmp_path, lines, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=message):
+        read_jsonl(path)
+
+
+def test_unknown_format_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="unknown data format 'csv'"):
+        read_jsonl(tmp_path / "x.jsonl", "csv")
+    with pytest.raises(ValueError, match="does not exist"):
+        read_jsonl(tmp_path / "x.jsonl")
+
+
+def test_only_the_answer_carries_a_loss(tmp_path, char_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Name a color", "input": "sky", "output": "blue"}])
+    (ex,), stats = load_dataset(path, char_tokenizer)
+    ids, targets = ex["input_ids"], ex["targets"]
+    assert char_tokenizer.decode(ids).startswith("<|im_start|>user\nName a color\n\nsky<|im_end|>")
+    learned = [t for t in targets if t != IGNORE]
+    assert char_tokenizer.decode(learned) == "blue<|im_end|>\n"
+    # targets are the next tokens: wherever a target is set it equals the following input id
+    assert all(t == ids[i + 1] for i, t in enumerate(targets) if t != IGNORE)
+    assert stats.target_tokens == len(learned)
+    (full,), _ = load_dataset(path, char_tokenizer, mask_prompt=False)
+    assert sum(t != IGNORE for t in full["targets"]) == len(ids) - 1
+
+
+def test_multi_turn_chat_learns_every_assistant_turn(tmp_path, char_tokenizer):
+    row = {"messages": [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "1+1"},
+                        {"role": "assistant", "content": "2"}, {"role": "user", "content": "2+2"},
+                        {"role": "assistant", "content": "4"}]}
+    (ex,), _ = load_dataset(write_jsonl(tmp_path / "d.jsonl", [row]), char_tokenizer)
+    learned = char_tokenizer.decode([t for t in ex["targets"] if t != IGNORE])
+    assert learned == "2<|im_end|>\n4<|im_end|>\n"
+
+
+def test_tokenizer_without_chat_template_uses_the_plain_fallback(tmp_path):
+    tok = make_char_tokenizer(chat_template=None)
+    (ex,), _ = load_dataset(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"}]), tok)
+    assert tok.decode(ex["input_ids"]) == "user: p\nassistant: c\n<|im_end|>"
+    assert tok.decode([t for t in ex["targets"] if t != IGNORE]) == "c\n<|im_end|>"
+
+
+def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path, char_tokenizer):
+    rows = [{"text": "short"}, {"text": "x" * 50}, {"text": "y" * 60}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    examples, stats = load_dataset(path, char_tokenizer, max_length=20)
+    assert [len(e["input_ids"]) for e in examples] == [6, 20, 20]
+    assert (stats.truncated, stats.dropped) == (2, 0)
+    examples, stats = load_dataset(path, char_tokenizer, max_length=20, overlong="drop")
+    assert len(examples) == 1 and (stats.truncated, stats.dropped) == (0, 2)
+    assert "1/3 examples kept (0 truncated, 2 dropped as too long)" in stats.describe()
+    # an instruction whose answer would be cut away entirely has nothing to learn: dropped, and counted
+    long_prompt = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "z" * 40, "output": "ok"}] * 2
+                              + [{"instruction": "q", "output": "ok"}])
+    examples, stats = load_dataset(long_prompt, char_tokenizer, max_length=30)
+    assert len(examples) == 1 and stats.dropped == 2
+    with pytest.raises(ValueError, match="overlong must be one of"):
+        load_dataset(path, char_tokenizer, overlong="wrap")
+
+
+def test_classification_labels_become_class_indices(tmp_path, char_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "spam"}, {"text": "b", "label": "ham"}])
+    examples, stats = load_dataset(path, char_tokenizer)
+    assert stats.labels == ["ham", "spam"] and [e["label"] for e in examples] == [1, 0]
+    with pytest.raises(ValueError, match=r"labels \['spam'\] are not among the classes \['ham'\]"):
+        load_dataset(path, char_tokenizer, label_names=["ham"])
+
+
+def _summed_loss(model, batch):
+    logits = model(**model_inputs(batch)).logits
+    return F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def test_packed_loss_equals_unpacked_loss(tmp_path, char_tokenizer):
+    rows = [{"instruction": f"Repeat {w}", "output": w} for w in ("cat", "horse", "a", "elephant", "dog", "ox")]
+    examples, stats = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), char_tokenizer)
+    model = make_char_llama(char_tokenizer)
+    pad = char_tokenizer.pad_token_id
+    packed = pack(examples, seq_len=80, pad_id=pad)
+    assert len(packed) < len(examples)  # several examples share a row
+    assert all(r["input_ids"].shape == (80,) for r in packed)
+    with torch.no_grad():
+        unpacked_loss = sum(_summed_loss(model, collate([e], pad)) for e in examples)
+        packed_loss = _summed_loss(model, collate(packed, pad))
+        padded_loss = _summed_loss(model, collate(examples, pad))  # right-padded batch with attention_mask
+    torch.testing.assert_close(packed_loss, unpacked_loss, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(padded_loss, unpacked_loss, atol=1e-4, rtol=1e-5)
+    assert int((collate(packed, pad)["targets"] != IGNORE).sum()) == stats.target_tokens
+
+
+def test_packed_examples_do_not_see_each_other(char_tokenizer):
+    model = make_char_llama(char_tokenizer)
+    a = {"input_ids": [10, 11, 12, 13], "targets": [11, 12, 13, IGNORE]}
+    b = {"input_ids": [20, 21, 22], "targets": [21, 22, IGNORE]}
+    a2 = {"input_ids": [30, 31, 32, 33], "targets": [31, 32, 33, IGNORE]}
+    with torch.no_grad():
+        first = model(**model_inputs(collate(pack([a, b], 8, 0), 0))).logits
+        second = model(**model_inputs(collate(pack([a2, b], 8, 0), 0))).logits
+        alone = model(torch.tensor([b["input_ids"]])).logits
+    torch.testing.assert_close(first[0, 4:7], second[0, 4:7])
+    torch.testing.assert_close(first[0, 4:7], alone[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not fit a packed row of 3"):
+        pack([a], 3, 0)

@@ -247,11 +247,12 @@ def pack(examples: list[dict], seq_len: int, pad_id: int) -> list[dict]:
     rows, current = [], {"input_ids": [], "targets": [], "position_ids": []}
 
     def close() -> None:
-        fill = seq_len - len(current["input_ids"])
+        real = len(current["input_ids"])
+        fill = seq_len - real
         current["input_ids"] += [pad_id] * fill
         current["targets"] += [IGNORE] * fill
         current["position_ids"] += list(range(fill))
-        rows.append({k: torch.tensor(v) for k, v in current.items()})
+        rows.append({**{k: torch.tensor(v) for k, v in current.items()}, "real_tokens": real})
 
     for ex in examples:
         n = len(ex["input_ids"])
@@ -270,11 +271,15 @@ def pack(examples: list[dict], seq_len: int, pad_id: int) -> list[dict]:
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Stack examples (packed rows or single examples, right-padded) into one batch."""
+    """Stack examples (packed rows or single examples, right-padded) into one batch.
+
+    ``real_tokens`` counts the tokens that are not padding, for throughput figures.
+    """
     width = max(len(ex["input_ids"]) for ex in examples)
     batch = {"input_ids": torch.full((len(examples), width), pad_id, dtype=torch.long),
              "targets": torch.full((len(examples), width), IGNORE, dtype=torch.long),
-             "position_ids": torch.zeros((len(examples), width), dtype=torch.long)}
+             "position_ids": torch.zeros((len(examples), width), dtype=torch.long),
+             "real_tokens": torch.tensor(sum(ex.get("real_tokens", len(ex["input_ids"])) for ex in examples))}
     padded = any(len(ex["input_ids"]) < width for ex in examples)
     if padded:
         batch["attention_mask"] = torch.zeros((len(examples), width), dtype=torch.long)
@@ -289,13 +294,16 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+_MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool]:
     """Keyword arguments for a Hugging Face causal LM's forward on a batch from :func:`collate` (targets left out).
 
     ``use_cache=False`` matters for packed rows: transformers builds its block-diagonal mask from restarting
     ``position_ids`` only when there is neither an ``attention_mask`` nor a KV cache.
     """
-    inputs: dict[str, torch.Tensor | bool] = {k: v for k, v in batch.items() if k != "targets"}
+    inputs: dict[str, torch.Tensor | bool] = {k: batch[k] for k in _MODEL_KEYS if k in batch}
     inputs["use_cache"] = False
     return inputs
 

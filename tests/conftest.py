@@ -84,6 +84,6 @@ def make_char_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                      tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, initializer_range=0.2,
                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     return LlamaForCausalLM(cfg).eval()

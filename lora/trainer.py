@@ -1,0 +1,559 @@
+"""TrainConfig and Trainer: one readable loop on accelerate (devices, precision, processes).
+
+The loop, top to bottom: build rows (packed or single examples) -> for each optimizer step, take
+``batch_size x grad_accum`` rows per process -> sum token losses over the whole window and divide by the number of
+target tokens in the window -> clip -> step -> schedule -> log / evaluate / checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapter_io import adapter_state_dict, save_adapter
+from .data import IGNORE, collate, model_inputs, pack
+from .inject import adapters_of
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear", "constant")
+LOGGERS = ("none", "tensorboard")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. A recipe's YAML keys are exactly these fields (plus the recipe's own and LoraConfig's).
+
+    Args:
+        learning_rate: Peak learning rate (AdamW).
+        weight_decay: AdamW weight decay on the trainable parameters.
+        batch_size: Rows per micro-batch and process (a row is one packed sequence, or one example).
+        grad_accum: Micro-batches per optimizer step.
+        epochs: Passes over the training rows (may be fractional); ignored when ``max_steps`` is set.
+        max_steps: Optimizer steps to run, overriding ``epochs``.
+        warmup_ratio: Fraction of the steps spent warming the learning rate up linearly from 0.
+        schedule: ``"cosine"``, ``"linear"`` or ``"constant"`` after warm-up.
+        min_lr_ratio: Floor of the decay, as a fraction of ``learning_rate``.
+        max_grad_norm: Clip the global gradient norm to this (None: no clipping).
+        precision: ``"auto"`` (bf16 on GPUs that have it, fp16 with a grad scaler on older GPUs, fp32 on CPU),
+            or ``"fp32"``, ``"bf16"``, ``"fp16"``.
+        seq_len: Longest example in tokens (longer ones are handled by ``overlong``), and the packed row length.
+        packing: Pack several examples per row (no padding, no cross-attention between them).
+        overlong: ``"truncate"`` or ``"drop"`` examples longer than ``seq_len``.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        eval_every: Evaluate every N steps (0: only at the end).
+        save_every: Write a checkpoint every N steps (0: only at the end).
+        log_every: Log every N steps.
+        keep_checkpoints: How many of the newest checkpoints to keep.
+        output_dir: Where checkpoints, logs, the loss curve and ``metrics.json`` go.
+        seed: Seeds data order, initialisation and dropout.
+        logger: ``"tensorboard"`` to write TensorBoard scalars (through accelerate's trackers), or ``"none"``.
+        resume: Continue from the newest checkpoint in ``output_dir`` if there is one.
+        loss_chunk: Target positions per chunk when applying the output head and cross-entropy.
+    """
+
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    precision: str = "auto"
+    seq_len: int = 512
+    packing: bool = True
+    overlong: str = "truncate"
+    gradient_checkpointing: bool = False
+    eval_every: int = 0
+    save_every: int = 0
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    output_dir: str = "runs/default"
+    seed: int = 0
+    logger: str = "none"
+    resume: bool = False
+    loss_chunk: int = 1024
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, field: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig.{field} must be {allowed}, got {getattr(self, field)!r}")
+
+        check(self.learning_rate > 0, "learning_rate", "> 0")
+        check(self.weight_decay >= 0, "weight_decay", ">= 0")
+        for name in ("batch_size", "grad_accum", "seq_len", "log_every", "keep_checkpoints", "loss_chunk"):
+            check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
+        for name in ("eval_every", "save_every"):
+            check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
+        check(self.epochs > 0, "epochs", "> 0")
+        check(self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1), "max_steps",
+              "None or an integer >= 1")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)")
+        check(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+        check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "None or > 0")
+        check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
+        check(self.overlong in ("truncate", "drop"), "overlong", "'truncate' or 'drop'")
+        check(self.logger in LOGGERS, "logger", f"one of {LOGGERS}")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some fields changed (the config itself is frozen)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    perplexity: float | None
+    tokens_per_second: float
+    peak_memory_bytes: int
+    train_seconds: float
+    interrupted: bool = False
+    checkpoint: str | None = None
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warm-up, then the schedule's decay."""
+    warmup = int(cfg.warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+
+def _mixed_precision(precision: str) -> str:
+    if precision == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"  # CPU: bf16 matmuls are hundreds of times slower than fp32 there
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _head_and_decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The decoder (returns hidden states) and output head of a plain HF causal LM, or None to use full logits.
+
+    Models that post-process logits (soft-capping, scaling) are left on the full-logits path.
+    """
+    config = getattr(model, "config", None)
+    prefix = getattr(model, "base_model_prefix", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = getattr(model, prefix, None) if prefix else None
+    if config is None or head is None or decoder is None or decoder is model:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    return decoder, head
+
+
+class Trainer:
+    """Fine-tunes the trainable parameters of ``model`` (typically after :func:`lora.inject`).
+
+    Args:
+        model: The model; only parameters with ``requires_grad`` are optimized.
+        config: A :class:`TrainConfig`.
+        train_data: Tokenized examples from :func:`lora.data.load_dataset` (``input_ids`` + ``targets``, or
+            ``input_ids`` + ``label`` for classification with a sequence-classification model).
+        eval_data: Examples of the same kind for evaluation loss/perplexity (or accuracy for classification).
+        pad_id: Padding token id (default: the model config's ``pad_token_id``, else 0).
+        adapter: The adapter saved in checkpoints.
+        callbacks: Called as ``fn(trainer, step, metrics)`` after every optimizer step.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, train_data: list[dict],
+                 eval_data: list[dict] | None = None, pad_id: int | None = None, adapter: str = "default",
+                 callbacks: list[Callable[["Trainer", int, dict], None]] | None = None):
+        from accelerate import Accelerator
+
+        self.cfg = config
+        self.adapter = adapter
+        self.callbacks = list(callbacks or [])
+        self.output_dir = Path(config.output_dir)
+        if not train_data:
+            raise ValueError("train_data is empty")
+        self.classification = "label" in train_data[0]
+        if pad_id is None:
+            pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+        self.pad_id = 0 if pad_id is None else int(pad_id)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("the model has no trainable parameters; call lora.inject(model, cfg) first")
+        if config.packing and not self.classification:
+            self.rows = pack(train_data, config.seq_len, self.pad_id)
+        else:
+            self.rows = train_data
+        self.eval_data = eval_data
+
+        self.accelerator = Accelerator(
+            mixed_precision=_mixed_precision(config.precision),
+            log_with="tensorboard" if config.logger == "tensorboard" else None,
+            project_dir=str(self.output_dir))
+        if config.gradient_checkpointing:
+            if not hasattr(model, "gradient_checkpointing_enable"):
+                raise ValueError("gradient_checkpointing=True needs a Hugging Face model "
+                                 "(gradient_checkpointing_enable); turn it off for this model")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.world = self.accelerator.num_processes
+        self.rows_per_step = config.batch_size * config.grad_accum * self.world
+        self.steps_per_epoch = max(1, len(self.rows) // self.rows_per_step)
+        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
+        self.step = 0
+        self.history: list[dict] = []
+        self._rng_at_step: dict | None = None  # RNG state at the last step boundary, for exact resume
+
+    # -- losses -------------------------------------------------------------------------------------------------------
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Summed loss of a micro-batch and the number of terms in it (target tokens, or examples)."""
+        model = self.model
+        if self.classification:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"])
+        targets = batch["targets"]
+        n = int((targets != IGNORE).sum())
+        parts = _head_and_decoder(self.accelerator.unwrap_model(model))
+        if parts is None:
+            out = model(**model_inputs(batch))
+            logits = out if isinstance(out, torch.Tensor) else out.logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                   reduction="sum"), n
+        decoder, head = parts
+        hidden = decoder(**model_inputs(batch)).last_hidden_state  # (B, T, H)
+        keep = targets != IGNORE
+        hidden, wanted = hidden[keep], targets[keep]  # (N, H), (N,): only positions that carry a label
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, len(wanted), self.cfg.loss_chunk):
+            # (chunk, vocab) logits exist one chunk at a time, never (B, T, vocab) in float32
+            logits = head(hidden[start:start + self.cfg.loss_chunk]).float()
+            total = total + F.cross_entropy(logits, wanted[start:start + self.cfg.loss_chunk], reduction="sum")
+        return total, n
+
+    def _batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.classification:
+            batch = collate([{"input_ids": r["input_ids"], "targets": r["input_ids"]} for r in rows], self.pad_id)
+            mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+            batch = {"input_ids": batch["input_ids"], "attention_mask": mask, "real_tokens": batch["real_tokens"],
+                     "labels": torch.tensor([r["label"] for r in rows])}
+        else:
+            batch = collate(rows, self.pad_id)
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def _terms(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many loss terms a batch holds: examples for classification, target tokens otherwise."""
+        return len(batch["labels"]) if self.classification else int((batch["targets"] != IGNORE).sum())
+
+    @torch.no_grad()
+    def evaluate(self, data: list[dict] | None = None) -> dict[str, float]:
+        """Mean loss and perplexity over ``data`` (default: the eval data); accuracy too for classification."""
+        data = self.eval_data if data is None else data
+        if not data:
+            return {}
+        model = self.model
+        was_training = model.training
+        model.eval()
+        total, count, correct = 0.0, 0, 0
+        with self.accelerator.autocast():
+            for i in range(0, len(data), self.cfg.batch_size):
+                batch = self._batch(data[i:i + self.cfg.batch_size])
+                if self.classification:
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    total += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
+                    correct += int((logits.argmax(-1) == batch["labels"]).sum())
+                    count += len(batch["labels"])
+                else:
+                    loss, n = self._loss_sum(batch)
+                    total, count = total + float(loss), count + n
+        model.train(was_training)
+        result = {"eval_loss": total / max(count, 1)}
+        result["perplexity"] = math.exp(min(result["eval_loss"], 50.0))  # capped so a diverged model cannot overflow
+        if self.classification:
+            result["accuracy"] = correct / max(count, 1)
+        return result
+
+    # -- data order ---------------------------------------------------------------------------------------------------
+    def _step_rows(self, step: int) -> list[list[dict]]:
+        """This process's micro-batches for optimizer step ``step``; a fresh seeded shuffle every epoch."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        start = index * self.rows_per_step
+        chosen = [self.rows[i] for i in order[start:start + self.rows_per_step].tolist()]
+        mine = chosen[self.accelerator.process_index::self.world]
+        return [mine[i:i + self.cfg.batch_size] for i in range(0, len(mine), self.cfg.batch_size)]
+
+    # -- the loop -----------------------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        """Run to ``total_steps`` (resuming first if ``resume``); returns the metrics of the run.
+
+        Ctrl-C stops cleanly: the state after the last completed step is checkpointed and the result says
+        ``interrupted=True``; ``resume=True`` then continues exactly where it stopped.
+        """
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.resume and self.latest_checkpoint() is not None:
+            self._resume()
+        else:
+            torch.manual_seed(cfg.seed)  # dropout draws
+        if cfg.logger == "tensorboard":
+            acc.init_trackers("lora", config={k: v for k, v in dataclasses.asdict(cfg).items()
+                                              if isinstance(v, (int, float, str, bool))})
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process, desc="train",
+                   dynamic_ncols=True)
+        self.model.train()
+        start_time, tokens_seen, interrupted, last_loss = time.perf_counter(), 0, False, None
+        self._rng_at_step = _rng_state()
+        try:
+            while self.step < self.total_steps:
+                micro_batches = [self._batch(rows) for rows in self._step_rows(self.step)]
+                window_loss, window_terms, tokens = self._backward_window(micro_batches)
+                tokens_seen += tokens
+                if cfg.max_grad_norm is not None:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = cfg.learning_rate * lr_factor(self.step, self.total_steps, cfg)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self._rng_at_step = _rng_state()
+
+                last_loss = window_loss / max(window_terms, 1)
+                elapsed = time.perf_counter() - start_time
+                metrics = {"loss": last_loss, "lr": self.optimizer.param_groups[0]["lr"],
+                           "tokens_per_second": tokens_seen / max(elapsed, 1e-9)}
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                    metrics.update(self.evaluate())
+                self.history.append({"step": self.step, **metrics})
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{metrics['lr']:.2e}",
+                                    tok_s=f"{metrics['tokens_per_second']:.0f}")
+                    if cfg.logger == "tensorboard":
+                        acc.log(metrics, step=self.step)
+                bar.update(1)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+                for callback in self.callbacks:
+                    callback(self, self.step, metrics)
+        except KeyboardInterrupt:
+            interrupted = True
+            self.optimizer.zero_grad(set_to_none=True)  # drop a half-accumulated window; resume redoes it
+        finally:
+            bar.close()
+        train_seconds = time.perf_counter() - start_time
+        checkpoint = self.save_checkpoint()
+        final = {} if interrupted else self.evaluate()
+        if cfg.logger == "tensorboard":
+            if final:
+                acc.log(final, step=self.step)
+            acc.end_training()
+        if acc.is_main_process and self.history:
+            self.plot_loss_curve(self.output_dir / "loss_curve.png")
+        return TrainResult(steps=self.step, train_loss=last_loss, eval_loss=final.get("eval_loss"),
+                           perplexity=final.get("perplexity"),
+                           tokens_per_second=tokens_seen / max(train_seconds, 1e-9),
+                           peak_memory_bytes=_peak_memory_bytes(acc.device), train_seconds=train_seconds,
+                           interrupted=interrupted, checkpoint=str(checkpoint) if checkpoint else None)
+
+    def _backward_window(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int, int]:
+        """Accumulate the gradients of one optimizer step; returns (summed loss, loss terms, real tokens), global.
+
+        The window's loss is (sum of all its token losses) / (its target tokens over all processes): averaging per
+        micro-batch, as transformers' Trainer long did, weights a short example's tokens more than a long one's.
+        """
+        acc = self.accelerator
+        local_terms = sum(self._terms(b) for b in micro_batches)
+        window_terms = int(acc.reduce(torch.tensor(local_terms, device=acc.device), "sum"))
+        window_loss, tokens = 0.0, 0
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with (contextlib.nullcontext() if last else acc.no_sync(self.model)), acc.autocast():
+                loss_sum, _ = self._loss_sum(batch)
+                # DDP averages gradients over processes; multiplying by world makes it the global mean.
+                loss = loss_sum * self.world / max(window_terms, 1)
+            if not torch.isfinite(loss_sum):
+                self._stop_non_finite(float(loss_sum.detach()))
+            acc.backward(loss)
+            window_loss += float(loss_sum.detach())
+            tokens += int(batch["real_tokens"])
+        window_loss = float(acc.reduce(torch.tensor(window_loss, device=acc.device), "sum"))
+        tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum"))
+        return window_loss, window_terms, tokens
+
+    def _stop_non_finite(self, value: float) -> None:
+        """A NaN/inf loss: keep the last good state as a checkpoint (if the weights are still finite) and stop."""
+        self.optimizer.zero_grad(set_to_none=True)
+        weights_ok = all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad)
+        kept = self.save_checkpoint() if weights_ok else self.latest_checkpoint()
+        raise FloatingPointError(
+            f"the training loss became {value} at step {self.step + 1}; training stopped. The last good state is "
+            f"in {kept or 'no checkpoint (none was written before the failure)'}. Lower learning_rate, keep "
+            f"max_grad_norm set, or check the data; resume=True continues from that checkpoint")
+
+    # -- checkpoints --------------------------------------------------------------------------------------------------
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(self.checkpoint_dir().glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        return done[-1] if done else None
+
+    def save_checkpoint(self) -> Path | None:
+        """Write adapter + optimizer + RNG + data position for the current step, atomically; keep the newest N."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return None
+        model = acc.unwrap_model(self.model)
+        final = self.checkpoint_dir() / f"step-{self.step:07d}"
+        if final.exists():
+            return final
+        self.checkpoint_dir().mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.checkpoint_dir()))
+        try:
+            if adapters_of(model):
+                save_adapter(model, tmp / "adapter", adapter=self.adapter)
+            trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            save_file({n: p.detach().float().cpu().contiguous() for n, p in trainable.items()},
+                      str(tmp / "trainable.safetensors"))
+            tensors, meta = _optimizer_state(self.optimizer, list(trainable))
+            rng = self._rng_at_step or _rng_state()
+            tensors.update({f"rng.{k}": v for k, v in rng.items() if isinstance(v, torch.Tensor)})
+            save_file(tensors, str(tmp / "state.safetensors"))
+            state = {"step": self.step, "total_steps": self.total_steps, "optimizer": meta,
+                     "python_random": rng["python"], "history": self.history,
+                     "config": dataclasses.asdict(self.cfg)}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in sorted(self.checkpoint_dir().glob("step-*"))[:-self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _resume(self) -> None:
+        latest = self.latest_checkpoint()
+        if latest is None:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        state = json.loads((latest / "trainer_state.json").read_text())
+        if state["total_steps"] != self.total_steps:
+            raise ValueError(f"checkpoint {latest} was for a run of {state['total_steps']} steps, this one has "
+                             f"{self.total_steps}; keep the data and epochs/max_steps the same to resume")
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        saved = load_file(str(latest / "trainable.safetensors"))
+        if set(saved) != set(trainable):
+            raise ValueError(f"checkpoint {latest} holds other trainable parameters than this model "
+                             f"(e.g. {sorted(set(saved) ^ set(trainable))[:3]}); use another output_dir or "
+                             f"resume=False")
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(saved[n].to(p.dtype))
+        tensors = load_file(str(latest / "state.safetensors"))
+        _load_optimizer_state(self.optimizer, list(trainable), tensors, state["optimizer"])
+        _set_rng_state({k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}, state["python_random"])
+        self.step, self.history = state["step"], state["history"]
+
+    def plot_loss_curve(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [h["step"] for h in self.history]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(steps, [h["loss"] for h in self.history], label="train loss")
+        evals = [h for h in self.history if "eval_loss" in h]
+        if evals:
+            ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(_py_state_to_json(random.getstate()))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _py_state_to_json(state: tuple) -> tuple:
+    version, internal, gauss = state
+    return version, list(internal), gauss
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], python_state: list) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    version, internal, gauss = python_state
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdamW's moments as tensors keyed by parameter name, and its scalar state as JSON (no pickle)."""
+    sd = optimizer.state_dict()
+    order = [i for group in sd["param_groups"] for i in group["params"]]
+    tensors, scalars = {}, {}
+    for index, name in zip(order, names):
+        for key, value in sd["state"].get(index, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                tensors[f"optim.{name}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{name}.{key}"] = float(value)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    return tensors, {"scalars": scalars, "param_groups": groups}
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor],
+                          meta: dict) -> None:
+    sd = optimizer.state_dict()
+    order = [i for group in sd["param_groups"] for i in group["params"]]
+    state: dict[int, dict[str, Any]] = {}
+    for index, name in zip(order, names):
+        entry = {key[len(f"optim.{name}."):]: t for key, t in tensors.items() if key.startswith(f"optim.{name}.")}
+        for key, value in meta["scalars"].items():
+            if key.startswith(f"{name}."):
+                entry[key[len(name) + 1:]] = torch.tensor(value)
+        if entry:
+            state[index] = entry
+    groups = [{**saved, "params": g["params"]} for saved, g in zip(meta["param_groups"], sd["param_groups"])]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "lr_factor"]

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_dir
 from .config import LoraConfig
 from .inject import adapters_of, inject, lora_layers, remove_adapter, set_active, set_trainable
 
@@ -114,24 +113,6 @@ def _fingerprint_distance(saved: dict[str, list[float]], current: dict[str, list
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
-def _write_dir_atomically(path: Path, write) -> None:
-    """Run ``write(tmp_dir)``, then move ``tmp_dir`` to ``path``: a crash never leaves a half-written folder there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default",
                  base_model_name_or_path: str | None = None) -> Path:
     """Write adapter ``adapter`` as a PEFT-compatible folder (fp32 weights), atomically.
@@ -147,6 +128,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     """
     info = _adapter_info(model, adapter)
     path = Path(path)
+    if info.config.dora or info.config.modules_to_save:
+        what = "DoRA" if info.config.dora else f"modules_to_save {list(info.config.modules_to_save)}"
+        warnings.warn(f"this adapter uses {what}: PEFT loads it, but vLLM's LoRA serving does not; to serve it "
+                      f"with vLLM, merge it into the base (lora merge) and serve the merged folder")
     if path.exists() and not path.is_dir():
         raise ValueError(f"cannot save an adapter to {path}: it is a file; give a folder path")
     if base_model_name_or_path is None:
@@ -161,11 +146,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     tensors = {k: v.to("cpu", torch.float32).contiguous() if v.is_floating_point() else v.cpu().contiguous()
                for k, v in adapter_state_dict(model, adapter).items()}
 
-    def write(tmp: Path) -> None:
+    with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    _write_dir_atomically(path, write)
     return path
 
 

@@ -88,7 +88,9 @@ def match_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
     candidates = _linear_modules(model)
     heads = output_head_paths(model)
     if cfg.targets == ALL_LINEAR:
-        chosen = [p for p, _ in candidates if p not in heads]
+        # the output head and modules trained in full (e.g. a classifier's `score`) are not LoRA targets
+        chosen = [p for p, _ in candidates if p not in heads
+                  and not any(_matches_suffix(p, m) for m in cfg.modules_to_save)]
     elif isinstance(cfg.targets, str):
         pattern = re.compile(cfg.targets)
         chosen = [p for p, _ in candidates if pattern.fullmatch(p)]

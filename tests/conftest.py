@@ -87,3 +87,31 @@ def make_char_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
                       tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, initializer_range=0.2,
                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     return LlamaForCausalLM(cfg).eval()
+
+
+def make_bpe_tokenizer():
+    """A byte-level BPE tokenizer (the GPT-2/Llama-3/SmolLM kind) trained in memory on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = ["the quick brown fox jumps over the lazy dog", "order number AB-12345 from Lisbon",
+              "hello world, this is a tiny tokenizer for tests", "Paris is the capital of France"] * 20
+    backend.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHATML
+    return tok
+
+
+def make_bpe_llama(tokenizer, seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=tie, pad_token_id=tokenizer.pad_token_id, initializer_range=0.2,
+                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    return LlamaForCausalLM(cfg).eval()

@@ -185,3 +185,9 @@ def test_merge_state_dict_refuses_an_adapter_for_another_model(tmp_path):
     trained_llama(tmp_path)
     with pytest.raises(ValueError, match="not in the base state dict; it was trained on a different model"):
         lora.merge_state_dict(make_gpt2().state_dict(), tmp_path / "ad")
+
+
+def test_saving_a_dora_adapter_warns_that_vllm_cannot_serve_it(tmp_path, llama):
+    lora.inject(llama, lora.LoraConfig(r=2, dora=True))
+    with pytest.warns(UserWarning, match="uses DoRA: PEFT loads it, but vLLM's LoRA serving does not.*lora merge"):
+        lora.save_adapter(llama, tmp_path / "ad")

@@ -1,7 +1,6 @@
 """The Trainer: accumulation equivalence, exact resume (Ctrl-C and a killed process), non-finite stop, learning."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

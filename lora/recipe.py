@@ -1,0 +1,142 @@
+"""What the recipe scripts share: config files + ``key=value`` overrides, exact-match evaluation, metrics.json.
+
+A recipe's settings are the fields of its own dataclass plus those of :class:`LoraConfig` and
+:class:`TrainConfig`, in one flat namespace: ``python recipes/sft.py r=16 learning_rate=5e-4 train_file=my.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .atomic import atomic_file
+from .config import LoraConfig
+from .data import read_jsonl, to_messages
+from .generate import generate
+from .trainer import TrainConfig
+
+
+def _coerce(value: Any, annotation: str, key: str) -> Any:
+    """Turn a command-line string into the field's type (YAML files already carry types)."""
+    if not isinstance(value, str) or value == "":
+        return value
+    if value.lower() in ("none", "null") and "None" in annotation:
+        return None
+    try:
+        if re.fullmatch(r"(bool)( \| None)?", annotation):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return value.lower() in ("true", "1", "yes")
+        if re.fullmatch(r"(int)( \| None)?", annotation):
+            return int(value)
+        if re.fullmatch(r"(float)( \| None)?", annotation):
+            return float(value)
+        if "tuple" in annotation or "list" in annotation:
+            if value.startswith("["):
+                return yaml.safe_load(value)
+            return value if annotation.startswith("str") else [v.strip() for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{key}={value!r}: expected {annotation}") from None
+    return value
+
+
+def _fields(cls) -> dict[str, str]:
+    """Field name -> annotation as text ("int", "float | None"), whether or not annotations are postponed."""
+    return {f.name: f.type.__name__ if isinstance(f.type, type) else str(f.type) for f in dataclasses.fields(cls)}
+
+
+def parse_settings(recipe_cls, argv: list[str]) -> tuple[Any, LoraConfig, TrainConfig]:
+    """Read ``--config FILE.yaml`` and ``key=value`` arguments into (recipe settings, LoraConfig, TrainConfig).
+
+    The recipe's dataclass defaults may override LoraConfig/TrainConfig defaults through its ``DEFAULTS`` dict.
+
+    Raises:
+        ValueError: an unknown key (the message lists the valid ones), a malformed argument or a bad value.
+    """
+    schema = {**_fields(LoraConfig), **_fields(TrainConfig), **_fields(recipe_cls)}
+    values: dict[str, Any] = dict(getattr(recipe_cls, "DEFAULTS", {}))
+    args = list(argv)
+    if "--config" in args:
+        i = args.index("--config")
+        if i + 1 >= len(args):
+            raise ValueError("--config needs a YAML file: --config recipes/configs/sft.yaml")
+        path = Path(args[i + 1])
+        del args[i:i + 2]
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must be a YAML mapping of settings, found {type(loaded).__name__}")
+        _check_keys(loaded, schema, str(path))
+        values.update(loaded)
+    overrides = {}
+    for arg in args:
+        if arg in ("-h", "--help"):
+            raise SystemExit(_help(recipe_cls, schema, values))
+        if "=" not in arg or arg.startswith("-"):
+            raise ValueError(f"unexpected argument {arg!r}: settings are key=value (e.g. learning_rate=5e-4), and "
+                             f"--config FILE.yaml reads a file")
+        key, _, value = arg.partition("=")
+        overrides[key] = value
+    _check_keys(overrides, schema, "the command line")
+    values.update({k: _coerce(v, schema[k], k) for k, v in overrides.items()})
+    for key, value in values.items():
+        if isinstance(value, str) and schema[key] != "str":
+            values[key] = _coerce(value, schema[key], key)
+
+    def part(cls):
+        return cls(**{k: v for k, v in values.items() if k in _fields(cls)})
+
+    return part(recipe_cls), part(LoraConfig), part(TrainConfig)
+
+
+def _check_keys(given: dict, schema: dict[str, str], where: str) -> None:
+    unknown = sorted(set(given) - set(schema))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown} in {where}. Valid settings: {', '.join(sorted(schema))}")
+
+
+def _help(recipe_cls, schema: dict[str, str], values: dict) -> str:
+    lines = [(recipe_cls.__doc__ or "").strip(), "", "settings (key=value):"]
+    defaults = {f.name: f.default for cls in (LoraConfig, TrainConfig, recipe_cls) for f in dataclasses.fields(cls)}
+    defaults.update(values)
+    lines += [f"  {k} ({schema[k]}) = {defaults.get(k)!r}" for k in sorted(schema)]
+    return "\n".join(lines)
+
+
+def prompts_and_answers(path: str | Path) -> tuple[list[str], list[str]]:
+    """The user prompt and expected answer of every example in an instruction file (for exact match)."""
+    fmt, records = read_jsonl(path)
+    if fmt not in ("alpaca", "prompt_completion", "chat"):
+        raise ValueError(f"{path} is in the {fmt!r} format; exact-match evaluation needs prompts with answers")
+    prompts, answers = [], []
+    for record in records:
+        messages = to_messages(record, fmt)
+        prompts.append(messages[-2]["content"])
+        answers.append(messages[-1]["content"])
+    return prompts, answers
+
+
+def exact_match(model, tokenizer, prompts: list[str], answers: list[str], max_new_tokens: int = 32,
+                batch_size: int = 32) -> tuple[float, list[str]]:
+    """Greedy answers to ``prompts`` and the fraction equal to ``answers`` (whitespace stripped)."""
+    predictions: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        predictions += generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
+                                temperature=0)
+    correct = sum(p.strip() == a.strip() for p, a in zip(predictions, answers))
+    return correct / max(len(answers), 1), predictions
+
+
+def write_json_atomically(path: str | Path, data: dict) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    return Path(path)
+
+
+__all__ = ["parse_settings", "exact_match", "prompts_and_answers", "write_json_atomically"]

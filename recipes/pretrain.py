@@ -1,0 +1,65 @@
+"""Continued pre-training with LoRA on plain text.
+
+    python recipes/pretrain.py                              # SmolLM2-135M on the bundled support-desk notes
+    python recipes/pretrain.py train_file=my.jsonl eval_file=my_eval.jsonl    # JSONL with a "text" field
+
+Reports held-out perplexity before and after, saves the adapter and writes metrics.json.
+"""
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lora
+from lora.data import load_dataset
+from lora.recipe import parse_settings, write_json_atomically
+from lora.trainer import Trainer
+
+DATA = Path(__file__).parent / "data"
+
+
+@dataclass(frozen=True)
+class Pretrain:
+    """Continued pre-training settings (plus every LoraConfig and TrainConfig field)."""
+
+    model: str = "smollm2-135m"
+    train_file: str = str(DATA / "notes_train.jsonl")
+    eval_file: str = str(DATA / "notes_eval.jsonl")
+    adapter_dir: str = "adapters/pretrain"
+
+    DEFAULTS = {"r": 16, "alpha": 32, "learning_rate": 1e-3, "epochs": 1.0, "batch_size": 4, "seq_len": 256,
+                "output_dir": "runs/pretrain", "log_every": 1}
+
+
+def main(argv: list[str]) -> dict:
+    settings, lora_cfg, train_cfg = parse_settings(Pretrain, argv)
+    model, tokenizer = lora.load_model(settings.model)
+    train, stats = load_dataset(settings.train_file, tokenizer, format="text", max_length=train_cfg.seq_len,
+                                overlong=train_cfg.overlong)
+    test, _ = load_dataset(settings.eval_file, tokenizer, format="text", max_length=train_cfg.seq_len)
+    print(f"train data: {stats.describe()}")
+    lora.inject(model, lora_cfg)
+    trainer = Trainer(model, train_cfg, train, eval_data=test)
+    perplexity_before = trainer.evaluate()["perplexity"]
+    start = time.perf_counter()
+    result = trainer.train()
+    train_seconds = time.perf_counter() - start
+    print(f"held-out perplexity: before {perplexity_before:.2f}, after {result.perplexity:.2f}")
+    if not trainer.accelerator.is_main_process:  # under `accelerate launch`, one process writes the outputs
+        return {}
+    adapter = lora.save_adapter(model, settings.adapter_dir)
+    metrics = {"perplexity_before": perplexity_before, "perplexity_after": result.perplexity,
+               "eval_loss": result.eval_loss, "steps": result.steps, "train_seconds": train_seconds,
+               "tokens_per_second": result.tokens_per_second, "peak_memory_bytes": result.peak_memory_bytes,
+               "adapter": str(adapter), "model": settings.model}
+    write_json_atomically(Path(train_cfg.output_dir) / "metrics.json", metrics)
+    print(f"adapter saved to {adapter}; metrics in {train_cfg.output_dir}/metrics.json")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:
+        sys.exit(f"error: {e}")

@@ -1,9 +1,11 @@
-"""The ``lora`` command: ``lora generate`` (training runs through the recipe scripts in ``recipes/``)."""
+"""The ``lora`` command: ``lora generate``, ``lora merge``, ``lora export gguf`` (training runs through the recipe
+scripts in ``recipes/``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .models import DEFAULT_MODEL
 
@@ -21,6 +23,32 @@ def _generate(args: argparse.Namespace) -> None:
     print(text)
 
 
+def _merge(args: argparse.Namespace) -> None:
+    from .export import export_merged
+
+    out = export_merged(args.model, args.adapter, args.out, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    print(f"merged model written to {out}  (AutoModelForCausalLM.from_pretrained('{out}') or vLLM)")
+
+
+def _export_gguf(args: argparse.Namespace) -> None:
+    from .export import export_adapter_gguf, export_gguf, write_modelfile
+
+    out = Path(args.out)
+    if args.adapter_only:
+        if not args.adapter:
+            raise ValueError("--adapter-only needs --adapter DIR")
+        export_gguf(args.model, out, None, args.dtype)
+        adapter_file = export_adapter_gguf(args.model, args.adapter, out.with_name(f"{out.stem}.adapter.gguf"))
+        print(f"base {out} and adapter {adapter_file} written")
+    else:
+        export_gguf(args.model, out, args.adapter, args.dtype)
+        adapter_file = None
+        print(f"{out} written ({args.dtype}{', adapter merged' if args.adapter else ''})")
+    modelfile = write_modelfile(args.model, out, args.temperature, adapter_file)
+    print(f"{modelfile} written. Run it with Ollama:\n  cd {out.parent} && ollama create my-model -f Modelfile "
+          f"&& ollama run my-model")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95, help="1.0 means no limit")
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(run=_generate)
+
+    merge = commands.add_parser("merge", help="merge an adapter into the base weights: a Hugging Face folder")
+    merge.add_argument("--model", default=DEFAULT_MODEL, help="base: embedded name or HF folder")
+    merge.add_argument("--adapter", required=True, help="adapter folder (ours or PEFT's)")
+    merge.add_argument("--out", required=True, help="output folder")
+    merge.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (GiB)")
+    merge.set_defaults(run=_merge)
+
+    export = commands.add_parser("export", help="export for other runtimes")
+    formats = export.add_subparsers(dest="format", required=True)
+    gguf = formats.add_parser("gguf", help="a GGUF file for llama.cpp / Ollama, and a Modelfile beside it")
+    gguf.add_argument("--model", default=DEFAULT_MODEL, help="base: embedded name or HF folder (Llama family)")
+    gguf.add_argument("--adapter", help="adapter folder to merge in (or to export alone with --adapter-only)")
+    gguf.add_argument("--out", required=True, help="the .gguf file to write")
+    gguf.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default="f16")
+    gguf.add_argument("--adapter-only", action="store_true",
+                      help="write the base and the adapter as separate GGUF files (Ollama's ADAPTER line)")
+    gguf.add_argument("--temperature", type=float, default=0.7, help="PARAMETER temperature in the Modelfile")
+    gguf.set_defaults(run=_export_gguf)
     return parser
 
 

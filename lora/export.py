@@ -1,0 +1,363 @@
+"""Export: a merged Hugging Face folder, a GGUF file (llama.cpp / Ollama), an Ollama Modelfile, an adapter GGUF.
+
+Everything streams from the base model's safetensors through :class:`AdapterMerger`, one tensor at a time, so
+merging needs about one copy of the model in memory. Outputs are written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .adapter_io import read_adapter
+from .atomic import atomic_dir, atomic_file
+from .merge import AdapterMerger
+from .models import _EMBEDDED, SOURCE_INFO, _convert_once
+
+GGUF_DTYPES = ("f32", "f16", "q8_0")
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+_WEIGHT_FILES = re.compile(r"^(model.*\.safetensors|model\.safetensors\.index\.json|pytorch_model.*\.bin)$")
+
+
+def resolve_base_folder(model: str | os.PathLike) -> Path:
+    """A Hugging Face folder with safetensors weights for ``model`` (embedded name or folder).
+
+    Raises:
+        ValueError: not an embedded name or a folder with config.json and safetensors weights.
+    """
+    name = str(model)
+    if name in _EMBEDDED:
+        return _convert_once(name)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        raise ValueError(f"{path} is a GGUF file; export needs the base model as a Hugging Face folder or "
+                         f"{sorted(_EMBEDDED)}. Convert it first: python -c \"import lora; m, t = "
+                         f"lora.load_model('{path}'); m.save_pretrained('base'); t.save_pretrained('base')\"")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a Hugging Face model folder (no config.json)")
+    if not list(path.glob("*.safetensors")):
+        raise ValueError(f"{path} has no safetensors weights; re-save the model with save_pretrained "
+                         f"(safe_serialization=True)")
+    return path
+
+
+def base_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The base model's tensors, one at a time, straight from its safetensors files."""
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else [p.name for p in sorted(folder.glob("*.safetensors"))]
+    for file in files:
+        with safe_open(str(folder / file), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def merged_tensors(folder: Path, adapter: str | os.PathLike | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Base tensors with the adapter merged in (or unchanged without one); checks the adapter was fully used."""
+    merger = AdapterMerger(adapter) if adapter else None
+    for name, tensor in base_tensors(folder):
+        yield name, merger.merged(name, tensor) if merger else tensor
+    if merger:
+        merger.check_all_used()
+
+
+def export_merged(model: str | os.PathLike, adapter: str | os.PathLike | None, out: str | os.PathLike,
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write a Hugging Face folder with the adapter merged into the base weights.
+
+    ``config.json``, tokenizer files and generation config are copied from the base; weights go to
+    ``model.safetensors``, or to shards plus ``model.safetensors.index.json`` above ``max_shard_bytes``.
+
+    Args:
+        model: The base: an embedded name or an HF folder with safetensors weights.
+        adapter: Adapter folder (ours or PEFT's); None copies the base.
+        out: Output folder (replaced only once the new one is complete).
+        max_shard_bytes: Largest shard.
+
+    Returns:
+        The output folder.
+    """
+    folder, out = resolve_base_folder(model), Path(out)
+    with atomic_dir(out) as tmp:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size, total, shard_files = 0, 0, []
+
+        def flush() -> None:
+            if shards[-1]:
+                name = f".shard-{len(shard_files):05d}.safetensors"
+                save_file(shards[-1], str(tmp / name), metadata={"format": "pt"})
+                shard_files.append((name, list(shards[-1])))
+                shards[-1] = {}
+
+        for name, tensor in merged_tensors(folder, adapter):
+            nbytes = tensor.numel() * tensor.element_size()
+            if size and size + nbytes > max_shard_bytes:
+                flush()
+                size = 0
+            shards[-1][name] = tensor.contiguous()
+            size += nbytes
+            total += nbytes
+        flush()
+        if len(shard_files) == 1:
+            os.replace(tmp / shard_files[0][0], tmp / "model.safetensors")
+        else:
+            weight_map = {}
+            for i, (file, keys) in enumerate(shard_files, 1):
+                final = f"model-{i:05d}-of-{len(shard_files):05d}.safetensors"
+                os.replace(tmp / file, tmp / final)
+                weight_map.update({k: final for k in keys})
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        for item in folder.iterdir():
+            if item.is_file() and not _WEIGHT_FILES.match(item.name) and item.name != SOURCE_INFO:
+                shutil.copy2(item, tmp / item.name)
+    return out
+
+
+# -- GGUF ---------------------------------------------------------------------------------------------------------
+def _require_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError("GGUF export needs the 'gguf' package: pip install gguf  (or pip install 'lora[gguf]')") \
+            from None
+    return gguf
+
+
+def _llama_config(folder: Path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if config.model_type not in ("llama", "mistral"):
+        raise ValueError(f"GGUF export supports the Llama family (llama, mistral); {folder} is a "
+                         f"{config.model_type!r} model. Export a merged folder instead (lora merge) and convert it "
+                         f"with llama.cpp's convert_hf_to_gguf.py")
+    scaling = getattr(config, "rope_scaling", None) or {}
+    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
+        raise ValueError(f"{folder} uses rope scaling {scaling}, which this GGUF exporter does not write yet; "
+                         f"export a merged folder (lora merge) and convert it with llama.cpp")
+    return config
+
+
+def permute_for_llama_cpp(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder Q/K rows (or a LoRA B's rows) from Hugging Face's rotary layout to llama.cpp's.
+
+    Hugging Face keeps each head's rotary pairs as two halves; llama.cpp interleaves them. transformers' GGUF
+    loader applies the inverse when reading.
+    """
+    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _add_llama_header(writer, config, folder: Path, gguf, name: str) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None)
+                                    or (config.rope_parameters or {}).get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+
+
+def _add_tokenizer(writer, folder: Path, config, gguf) -> None:
+    """The Hugging Face byte-level BPE tokenizer as llama.cpp's "gpt2" tokenizer model, plus the chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE":
+        raise ValueError(f"the tokenizer in {folder} is {spec['model']['type']}, not byte-level BPE; GGUF export "
+                         f"handles BPE tokenizers (GPT-2, Llama 3, SmolLM, Qwen style) only")
+    vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
+    size = max(config.vocab_size, max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    for token, i in vocab.items():
+        tokens[i], types[i] = token, gguf.TokenType.NORMAL
+    for i, added in tokenizer.added_tokens_decoder.items():
+        types[i] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    source = folder / SOURCE_INFO
+    # llama.cpp picks its pre-tokenizer regex by this name; it is known when the base came from a GGUF file.
+    pre = json.loads(source.read_text()).get("tokenizer.ggml.pre", "default") if source.is_file() else "default"
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
+                          (tokenizer.eos_token_id, writer.add_eos_token_id),
+                          (tokenizer.pad_token_id, writer.add_pad_token_id),
+                          (tokenizer.unk_token_id, writer.add_unk_token_id)):
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _write_gguf(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def export_gguf(model: str | os.PathLike, out: str | os.PathLike, adapter: str | os.PathLike | None = None,
+                dtype: str = "f16") -> Path:
+    """Write a GGUF file that llama.cpp, Ollama and transformers' GGUF loader read.
+
+    Args:
+        model: The base: an embedded name or an HF folder (Llama family).
+        out: The ``.gguf`` file to write (replaced only once complete).
+        adapter: Adapter folder to merge in first (None: the base alone).
+        dtype: ``"f32"``, ``"f16"`` or ``"q8_0"`` for matrices; norms stay f32. A matrix whose rows are not a
+            multiple of 32 falls back to f16 under q8_0 (the block size).
+
+    Returns:
+        The file written.
+    """
+    gguf = _require_gguf()
+    if dtype not in GGUF_DTYPES:
+        raise ValueError(f"dtype must be one of {GGUF_DTYPES}, got {dtype!r}")
+    import numpy as np
+
+    folder, out = resolve_base_folder(model), Path(out)
+    config = _llama_config(folder)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        _add_llama_header(writer, config, folder, gguf, out.stem)
+        writer.add_file_type(file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_tokenizer(writer, folder, config, gguf)
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+        for name, tensor in merged_tensors(folder, adapter):
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # llama.cpp reuses token_embd when output.weight is absent
+            gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise ValueError(f"tensor {name!r} has no llama.cpp name; this model is not plain Llama")
+            tensor = tensor.float()
+            if ".attn_q." in gguf_name:
+                tensor = permute_for_llama_cpp(tensor, config.num_attention_heads)
+            elif ".attn_k." in gguf_name:
+                tensor = permute_for_llama_cpp(tensor, config.num_key_value_heads)
+            array = tensor.numpy()
+            if array.ndim == 1 or dtype == "f32":
+                writer.add_tensor(gguf_name, array.astype(np.float32))
+            elif dtype == "q8_0" and array.shape[-1] % 32 == 0:
+                qtype = gguf.GGMLQuantizationType.Q8_0
+                writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+            else:
+                writer.add_tensor(gguf_name, array.astype(np.float16))
+        _write_gguf(writer)
+    return out
+
+
+def export_adapter_gguf(model: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the adapter alone as a llama.cpp LoRA GGUF (Ollama's ``ADAPTER`` line, ``llama-cli --lora``).
+
+    Raises:
+        ValueError: DoRA, trained biases or ``modules_to_save`` (llama.cpp adapters hold plain A/B pairs only).
+    """
+    gguf = _require_gguf()
+    folder, out = resolve_base_folder(model), Path(out)
+    config = _llama_config(folder)
+    cfg, _, tensors = read_adapter(adapter)
+    unsupported = [what for what, bad in (("DoRA", cfg.dora), ("trained biases", cfg.bias != "none"),
+                                          ("modules_to_save", bool(cfg.modules_to_save))) if bad]
+    if unsupported:
+        raise ValueError(f"this adapter uses {', '.join(unsupported)}, which llama.cpp/Ollama adapters cannot "
+                         f"hold (plain LoRA A/B only). Merge it instead: lora export gguf --adapter {adapter}")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        # llama.cpp scales by alpha / rank; writing scale * r keeps rsLoRA's alpha / sqrt(r) exact too.
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(cfg.scale * cfg.r))
+        for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+            stem = key[len("base_model.model."):-len(".lora_A.weight")]
+            gguf_name = names.get_name(stem + ".weight", try_suffixes=(".weight",))
+            if gguf_name is None:
+                raise ValueError(f"adapter tensor {key!r} targets {stem!r}, which has no llama.cpp name")
+            A = tensors[key].float()  # (r, in)
+            B = tensors[key.replace(".lora_A.", ".lora_B.")].float()  # (out, r)
+            if ".attn_q." in gguf_name:
+                B = permute_for_llama_cpp(B, config.num_attention_heads)
+            elif ".attn_k." in gguf_name:
+                B = permute_for_llama_cpp(B, config.num_key_value_heads)
+            writer.add_tensor(gguf_name + ".lora_a", A.numpy())
+            writer.add_tensor(gguf_name + ".lora_b", B.numpy())
+        _write_gguf(writer)
+    return out
+
+
+# -- Ollama ---------------------------------------------------------------------------------------------------------
+_CHATML_TEMPLATE = """{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
+"""
+
+
+def ollama_modelfile(gguf_file: str, chat_template: str | None, stop_tokens: list[str], temperature: float,
+                     adapter_file: str | None = None) -> str:
+    """The text of an Ollama Modelfile for ``gguf_file`` (paths relative to the Modelfile).
+
+    ChatML templates (SmolLM, Qwen, ...) are converted to Ollama's Go template, with the template's default system
+    prompt as ``SYSTEM``. Other templates are left out: Ollama then falls back to the GGUF's own chat template.
+    """
+    lines = [f"FROM ./{gguf_file}"]
+    if adapter_file:
+        lines.append(f"ADAPTER ./{adapter_file}")
+    if chat_template and "<|im_start|>" in chat_template:
+        lines.append(f'TEMPLATE """{_CHATML_TEMPLATE}"""')
+        default_system = re.search(r"<\|im_start\|>system\n(.+?)<\|im_end\|>", chat_template, re.S)
+        if default_system and "{{" not in default_system.group(1):
+            lines.append(f'SYSTEM """{default_system.group(1)}"""')
+    for token in stop_tokens:
+        lines.append(f'PARAMETER stop "{token}"')
+    lines.append(f"PARAMETER temperature {temperature}")
+    return "\n".join(lines) + "\n"
+
+
+def write_modelfile(model: str | os.PathLike, gguf_path: str | os.PathLike, temperature: float = 0.7,
+                    adapter_gguf: str | os.PathLike | None = None) -> Path:
+    """Write an Ollama ``Modelfile`` beside ``gguf_path`` (``ollama create NAME -f Modelfile`` in that folder).
+
+    The chat template and stop token come from the base model's tokenizer; ``adapter_gguf`` (in the same folder)
+    adds an ``ADAPTER`` line for the adapter-only route.
+    """
+    from transformers import AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_folder(model), local_files_only=True)
+    stops = [tokenizer.eos_token] if tokenizer.eos_token else []
+    text = ollama_modelfile(gguf_path.name, tokenizer.chat_template, stops, temperature,
+                            Path(adapter_gguf).name if adapter_gguf else None)
+    path = gguf_path.parent / "Modelfile"
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+__all__ = ["export_merged", "export_gguf", "export_adapter_gguf", "write_modelfile", "ollama_modelfile",
+           "resolve_base_folder", "base_tensors", "merged_tensors", "permute_for_llama_cpp", "GGUF_DTYPES"]

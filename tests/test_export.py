@@ -1,0 +1,169 @@
+"""Export round trips: merged HF folder (Llama, GPT-2), GGUF read back by transformers, adapter GGUF, Modelfile."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import lora
+from lora.cli import main
+from lora.export import (export_adapter_gguf, export_gguf, export_merged, ollama_modelfile, permute_for_llama_cpp,
+                         write_modelfile)
+from conftest import make_bpe_llama, make_bpe_tokenizer, make_gpt2, randomize_adapters
+
+
+def base_and_adapter(tmp_path, make_model, tokenizer=None, **cfg):
+    """A base folder, a trained-looking adapter for it, and the merged model's logits on some tokens."""
+    model = make_model()
+    model.save_pretrained(tmp_path / "base")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp_path / "base")
+    lora.inject(model, lora.LoraConfig(r=4, alpha=8, **cfg))
+    randomize_adapters(model, std=0.2)
+    lora.save_adapter(model, tmp_path / "adapter")
+    tokens = torch.tensor([[5, 17, 42, 9, 30, 11]])
+    with torch.no_grad():
+        expected = lora.merge_and_unload(model)(tokens).logits
+    return tokens, expected
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_merged_folder_loads_with_transformers_and_matches(tmp_path, name):
+    tok = make_bpe_tokenizer()
+    make = (lambda: make_bpe_llama(tok)) if name == "llama" else make_gpt2
+    tokens, expected = base_and_adapter(tmp_path, make, tok if name == "llama" else None)
+    out = export_merged(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(loaded(tokens).logits, expected, atol=1e-5, rtol=0)
+    if name == "llama":
+        assert AutoTokenizer.from_pretrained(out).chat_template == tok.chat_template
+
+
+def test_merged_folder_is_sharded_above_the_limit(tmp_path):
+    tok = make_bpe_tokenizer()
+    tokens, expected = base_and_adapter(tmp_path, lambda: make_bpe_llama(tok), tok)
+    out = export_merged(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and not (out / "model.safetensors").exists()
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(tokens).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_merge_refuses_an_adapter_for_another_model_and_keeps_old_output(tmp_path):
+    tok = make_bpe_tokenizer()
+    base_and_adapter(tmp_path, lambda: make_bpe_llama(tok), tok)
+    make_gpt2().save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="trained on a different model"):
+        export_merged(tmp_path / "gpt2", tmp_path / "adapter", tmp_path / "merged")
+    assert (tmp_path / "merged" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+# f32 must be exact to 1e-4; f16 and q8_0 may be off by this fraction of the largest logit. q8_0 keeps every weight
+# within half a step of its 32-value block (max/127); this deliberately large-init tiny model amplifies that to ~4%.
+@pytest.mark.parametrize("dtype, tolerance", [("f32", None), ("f16", 0.005), ("q8_0", 0.06)])
+def test_gguf_read_back_by_transformers_matches_the_merged_model(tmp_path, dtype, tolerance):
+    tok = make_bpe_tokenizer()
+    tokens, expected = base_and_adapter(tmp_path, lambda: make_bpe_llama(tok), tok)
+    path = export_gguf(tmp_path / "base", tmp_path / "out" / "model.gguf", tmp_path / "adapter", dtype=dtype)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        got = loaded(tokens).logits
+    if tolerance is None:
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    else:
+        error = float((got - expected).abs().max() / expected.abs().max())
+        assert 0 < error < tolerance, error  # lower precision changes something, but little
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    gguf_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    text = "the quick brown fox, order AB-12345"
+    assert gguf_tok(text)["input_ids"] == tok(text)["input_ids"]
+    assert gguf_tok.eos_token == "<|im_end|>"
+
+
+def test_tied_head_is_left_out_of_the_gguf(tmp_path):
+    import gguf
+
+    tok = make_bpe_tokenizer()
+    tokens, expected = base_and_adapter(tmp_path, lambda: make_bpe_llama(tok, tie=True), tok)
+    path = export_gguf(tmp_path / "base", tmp_path / "model.gguf", tmp_path / "adapter", dtype="f32")
+    names = {t.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert "output.weight" not in names and "token_embd.weight" in names
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf")
+    torch.testing.assert_close(loaded(tokens).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_adapter_gguf_holds_the_permuted_update(tmp_path):
+    import gguf
+
+    tok = make_bpe_tokenizer()
+    base_and_adapter(tmp_path, lambda: make_bpe_llama(tok), tok, rslora=True)
+    path = export_adapter_gguf(tmp_path / "base", tmp_path / "adapter", tmp_path / "adapter.gguf")
+    reader = gguf.GGUFReader(str(path))
+    assert reader.get_field("general.type").contents() == "adapter"
+    assert reader.get_field("adapter.type").contents() == "lora"
+    alpha = reader.get_field("adapter.lora.alpha").contents()
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    a, b = tensors["blk.1.attn_k.weight.lora_a"], tensors["blk.1.attn_k.weight.lora_b"]  # (r, in), (out, r)
+    rank = a.shape[0]
+    from lora.adapter_io import read_adapter
+
+    cfg, _, saved = read_adapter(tmp_path / "adapter")
+    key = "base_model.model.model.layers.1.self_attn.k_proj"
+    delta = cfg.scale * saved[f"{key}.lora_B.weight"] @ saved[f"{key}.lora_A.weight"]
+    np.testing.assert_allclose(alpha / rank * b @ a, permute_for_llama_cpp(delta, 2).numpy(), atol=1e-5)
+    assert sum(n.endswith(".lora_a") for n in tensors) == 14  # every wrapped layer
+
+
+def test_adapter_gguf_refuses_what_llama_cpp_cannot_hold(tmp_path):
+    tok = make_bpe_tokenizer()
+    base_and_adapter(tmp_path, lambda: make_bpe_llama(tok), tok, dora=True)
+    with pytest.raises(ValueError, match="uses DoRA.*Merge it instead: lora export gguf --adapter"):
+        export_adapter_gguf(tmp_path / "base", tmp_path / "adapter", tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_gguf_refuses_non_llama_and_bad_dtype(tmp_path):
+    make_gpt2().save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="supports the Llama family.*'gpt2'"):
+        export_gguf(tmp_path / "gpt2", tmp_path / "x.gguf")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        export_gguf(tmp_path / "gpt2", tmp_path / "x.gguf", dtype="q4")
+    with pytest.raises(ValueError, match="is a GGUF file"):
+        export_gguf(tmp_path / "model.gguf", tmp_path / "x.gguf")
+
+
+def test_modelfile_converts_a_chatml_template():
+    template = ("{% for m in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                "{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}"
+                "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}")
+    text = ollama_modelfile("model.gguf", template, ["<|im_end|>"], 0.3, adapter_file="model.adapter.gguf")
+    lines = text.splitlines()
+    assert lines[0] == "FROM ./model.gguf" and lines[1] == "ADAPTER ./model.adapter.gguf"
+    assert "{{ range .Messages }}" in text.replace("{{-", "{{") and '<|im_start|>{{ .Role }}' in text
+    assert 'SYSTEM """You are helpful"""' in text
+    assert 'PARAMETER stop "<|im_end|>"' in lines and "PARAMETER temperature 0.3" in lines
+    plain = ollama_modelfile("m.gguf", "{{ bos_token }}{{ messages }}", [], 0.7)
+    assert "TEMPLATE" not in plain  # unknown template family: Ollama falls back to the GGUF's own
+
+
+def test_cli_merge_and_export_gguf_with_modelfile(tmp_path, capsys):
+    tok = make_bpe_tokenizer()
+    tokens, expected = base_and_adapter(tmp_path, lambda: make_bpe_llama(tok), tok)
+    assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(tokens).logits, expected,
+                               atol=1e-5, rtol=0)
+    out = tmp_path / "ollama" / "model.gguf"
+    assert main(["export", "gguf", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(out), "--dtype", "f32", "--adapter-only", "--temperature", "0.2"]) == 0
+    assert out.is_file() and (tmp_path / "ollama" / "model.adapter.gguf").is_file()
+    modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
+    assert "ADAPTER ./model.adapter.gguf" in modelfile and "PARAMETER temperature 0.2" in modelfile
+    assert "ollama create" in capsys.readouterr().out
+    assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "m2")]) == 2

@@ -7,6 +7,7 @@ from .inject import disabled, inject, parameter_count, remove_adapter, set_activ
 from .layers import LoRALinear
 from .merge import merge, merge_and_unload, merge_state_dict, unmerge
 from .models import load_model
+from .trainer import TrainConfig, Trainer, TrainResult
 
 __version__ = "0.1.0"
 
@@ -27,4 +28,7 @@ __all__ = [
     "merge_state_dict",
     "load_model",
     "generate",
+    "Trainer",
+    "TrainConfig",
+    "TrainResult",
 ]

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export for other runtimes")
     formats = export.add_subparsers(dest="format", required=True)
     gguf = formats.add_parser("gguf", help="a GGUF file for llama.cpp / Ollama, and a Modelfile beside it")
-    gguf.add_argument("--model", default=DEFAULT_MODEL, help="base: embedded name or HF folder (Llama family)")
+    gguf.add_argument("--model", default=DEFAULT_MODEL, help="base: embedded name or HF folder (Llama family, GPT-2)")
     gguf.add_argument("--adapter", help="adapter folder to merge in (or to export alone with --adapter-only)")
     gguf.add_argument("--out", required=True, help="the .gguf file to write")
     gguf.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default="f16")

@@ -7,15 +7,17 @@ merging needs about one copy of the model in memory. Outputs are written under a
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .adapter_io import read_adapter
 from .atomic import atomic_dir, atomic_file
@@ -49,15 +51,30 @@ def resolve_base_folder(model: str | os.PathLike) -> Path:
     return path
 
 
+def _weight_files(folder: Path) -> list[str]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return [p.name for p in sorted(folder.glob("*.safetensors"))]
+
+
 def base_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """The base model's tensors, one at a time, straight from its safetensors files."""
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-        else [p.name for p in sorted(folder.glob("*.safetensors"))]
-    for file in files:
+    for file in _weight_files(folder):
         with safe_open(str(folder / file), framework="pt") as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
+
+
+def _tensor_specs(folder: Path) -> list[tuple[str, str, list[int]]]:
+    """(name, safetensors dtype, shape) of every base tensor, in :func:`base_tensors` order, without loading any."""
+    specs = []
+    for file in _weight_files(folder):
+        with safe_open(str(folder / file), framework="pt") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                specs.append((key, piece.get_dtype(), list(piece.get_shape())))
+    return specs
 
 
 def merged_tensors(folder: Path, adapter: str | os.PathLike | None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -69,12 +86,43 @@ def merged_tensors(folder: Path, adapter: str | os.PathLike | None) -> Iterator[
         merger.check_all_used()
 
 
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _write_safetensors_stream(path: Path, specs: list[tuple[str, str, list[int]]],
+                              tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Write a safetensors file tensor by tensor, holding one tensor at a time.
+
+    The safetensors package only writes whole dicts; merged weights have exactly the base's names, dtypes and
+    shapes, so the header (8-byte little-endian length, then JSON with byte offsets) can be written first.
+    """
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in specs:
+        size = _DTYPE_BYTES[dtype] * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for name, dtype, shape in specs:
+            got_name, tensor = next(tensors)
+            if got_name != name or list(tensor.shape) != shape:
+                raise RuntimeError(f"merged tensor {got_name} {list(tensor.shape)} arrived where {name} {shape} "
+                                   f"was planned")
+            f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+
+
 def export_merged(model: str | os.PathLike, adapter: str | os.PathLike | None, out: str | os.PathLike,
                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write a Hugging Face folder with the adapter merged into the base weights.
+    """Write a Hugging Face folder with the adapter merged into the base weights, streaming.
 
-    ``config.json``, tokenizer files and generation config are copied from the base; weights go to
-    ``model.safetensors``, or to shards plus ``model.safetensors.index.json`` above ``max_shard_bytes``.
+    Each base tensor is read, merged and written before the next is read, so memory stays near one tensor plus
+    what the operating system caches. ``config.json``, tokenizer files and generation config are copied from the
+    base; weights go to ``model.safetensors``, or to shards plus ``model.safetensors.index.json`` above
+    ``max_shard_bytes``.
 
     Args:
         model: The base: an embedded name or an HF folder with safetensors weights.
@@ -86,34 +134,26 @@ def export_merged(model: str | os.PathLike, adapter: str | os.PathLike | None, o
         The output folder.
     """
     folder, out = resolve_base_folder(model), Path(out)
+    specs = _tensor_specs(folder)
+    shards: list[list[tuple[str, str, list[int]]]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = _DTYPE_BYTES[spec[1]] * math.prod(spec[2])
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
     with atomic_dir(out) as tmp:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size, total, shard_files = 0, 0, []
-
-        def flush() -> None:
-            if shards[-1]:
-                name = f".shard-{len(shard_files):05d}.safetensors"
-                save_file(shards[-1], str(tmp / name), metadata={"format": "pt"})
-                shard_files.append((name, list(shards[-1])))
-                shards[-1] = {}
-
-        for name, tensor in merged_tensors(folder, adapter):
-            nbytes = tensor.numel() * tensor.element_size()
-            if size and size + nbytes > max_shard_bytes:
-                flush()
-                size = 0
-            shards[-1][name] = tensor.contiguous()
-            size += nbytes
-            total += nbytes
-        flush()
-        if len(shard_files) == 1:
-            os.replace(tmp / shard_files[0][0], tmp / "model.safetensors")
-        else:
-            weight_map = {}
-            for i, (file, keys) in enumerate(shard_files, 1):
-                final = f"model-{i:05d}-of-{len(shard_files):05d}.safetensors"
-                os.replace(tmp / file, tmp / final)
-                weight_map.update({k: final for k in keys})
+        stream = merged_tensors(folder, adapter)
+        names = ["model.safetensors"] if len(shards) == 1 else \
+            [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        for name, shard in zip(names, shards):
+            _write_safetensors_stream(tmp / name, shard, stream)
+        next(stream, None)  # run the generator to its end: it checks that every adapter tensor was used
+        if len(shards) > 1:
+            total = sum(_DTYPE_BYTES[d] * math.prod(s) for _, d, s in specs)
+            weight_map = {spec[0]: name for name, shard in zip(names, shards) for spec in shard}
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         for item in folder.iterdir():
@@ -132,14 +172,18 @@ def _require_gguf():
     return gguf
 
 
-def _llama_config(folder: Path):
+_GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "gpt2": "gpt2"}  # transformers model_type -> llama.cpp arch
+
+
+def _gguf_config(folder: Path, archs=tuple(_GGUF_ARCHS)):
+    """The base's config, checked to be an architecture this exporter writes."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if config.model_type not in ("llama", "mistral"):
-        raise ValueError(f"GGUF export supports the Llama family (llama, mistral); {folder} is a "
-                         f"{config.model_type!r} model. Export a merged folder instead (lora merge) and convert it "
-                         f"with llama.cpp's convert_hf_to_gguf.py")
+    if config.model_type not in archs:
+        raise ValueError(f"GGUF export supports {', '.join(archs)} models; {folder} is a {config.model_type!r} "
+                         f"model. Export a merged folder instead (lora merge) and convert it with llama.cpp's "
+                         f"convert_hf_to_gguf.py")
     scaling = getattr(config, "rope_scaling", None) or {}
     if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
         raise ValueError(f"{folder} uses rope scaling {scaling}, which this GGUF exporter does not write yet; "
@@ -157,9 +201,18 @@ def permute_for_llama_cpp(weight: torch.Tensor, n_head: int) -> torch.Tensor:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _add_llama_header(writer, config, folder: Path, gguf, name: str) -> None:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+def _add_header(writer, config, name: str) -> None:
+    """Hyperparameters under llama.cpp's keys for the config's architecture."""
     writer.add_name(name)
+    if config.model_type == "gpt2":
+        writer.add_context_length(config.n_positions)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_block_count(config.n_layer)
+        writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+        writer.add_head_count(config.n_head)
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -171,6 +224,38 @@ def _add_llama_header(writer, config, folder: Path, gguf, name: str) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(head_dim)
+
+
+_GPT2_CONV1D = (".attn_qkv.weight", ".attn_output.weight", ".ffn_up.weight", ".ffn_down.weight")
+
+
+def _gguf_tensors(config, tensors: Iterator[tuple[str, torch.Tensor]], gguf) -> Iterator[tuple[str, torch.Tensor]]:
+    """Hugging Face tensors renamed and laid out as llama.cpp expects, in fp32."""
+    arch = gguf.MODEL_ARCH.GPT2 if config.model_type == "gpt2" else gguf.MODEL_ARCH.LLAMA
+    layers = config.n_layer if config.model_type == "gpt2" else config.num_hidden_layers
+    names = gguf.get_tensor_name_map(arch, layers)
+    for name, tensor in tensors:
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # GPT-2's causal-mask buffers, not weights
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied: llama.cpp reuses token_embd (GPT-2 gets an explicit copy below)
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ValueError(f"tensor {name!r} has no llama.cpp name; this {config.model_type} model has parts "
+                             f"the GGUF exporter does not know")
+        tensor = tensor.float()
+        if config.model_type == "gpt2":
+            if gguf_name.endswith(_GPT2_CONV1D):
+                tensor = tensor.T.contiguous()  # Conv1D stores (in, out); llama.cpp wants (out, in)
+            yield gguf_name, tensor
+            if gguf_name == "token_embd.weight" and config.tie_word_embeddings:
+                yield "output.weight", tensor  # llama.cpp's GPT-2 graph reads an explicit output matrix
+            continue
+        if ".attn_q." in gguf_name:
+            tensor = permute_for_llama_cpp(tensor, config.num_attention_heads)
+        elif ".attn_k." in gguf_name:
+            tensor = permute_for_llama_cpp(tensor, config.num_key_value_heads)
+        yield gguf_name, tensor
 
 
 def _add_tokenizer(writer, folder: Path, config, gguf) -> None:
@@ -222,11 +307,11 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, adapter: str |
     """Write a GGUF file that llama.cpp, Ollama and transformers' GGUF loader read.
 
     Args:
-        model: The base: an embedded name or an HF folder (Llama family).
+        model: The base: an embedded name or an HF folder (Llama family, or GPT-2).
         out: The ``.gguf`` file to write (replaced only once complete).
         adapter: Adapter folder to merge in first (None: the base alone).
-        dtype: ``"f32"``, ``"f16"`` or ``"q8_0"`` for matrices; norms stay f32. A matrix whose rows are not a
-            multiple of 32 falls back to f16 under q8_0 (the block size).
+        dtype: ``"f32"``, ``"f16"`` or ``"q8_0"`` for matrices; norms and biases stay f32. A matrix whose rows
+            are not a multiple of 32 falls back to f16 under q8_0 (the block size).
 
     Returns:
         The file written.
@@ -234,30 +319,17 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, adapter: str |
     gguf = _require_gguf()
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"dtype must be one of {GGUF_DTYPES}, got {dtype!r}")
-    import numpy as np
-
     folder, out = resolve_base_folder(model), Path(out)
-    config = _llama_config(folder)
+    config = _gguf_config(folder)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     with atomic_file(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
-        _add_llama_header(writer, config, folder, gguf, out.stem)
+        writer = gguf.GGUFWriter(str(tmp), _GGUF_ARCHS[config.model_type])
+        _add_header(writer, config, out.stem)
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_tokenizer(writer, folder, config, gguf)
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-        for name, tensor in merged_tensors(folder, adapter):
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue  # llama.cpp reuses token_embd when output.weight is absent
-            gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise ValueError(f"tensor {name!r} has no llama.cpp name; this model is not plain Llama")
-            tensor = tensor.float()
-            if ".attn_q." in gguf_name:
-                tensor = permute_for_llama_cpp(tensor, config.num_attention_heads)
-            elif ".attn_k." in gguf_name:
-                tensor = permute_for_llama_cpp(tensor, config.num_key_value_heads)
+        for gguf_name, tensor in _gguf_tensors(config, merged_tensors(folder, adapter), gguf):
             array = tensor.numpy()
             if array.ndim == 1 or dtype == "f32":
                 writer.add_tensor(gguf_name, array.astype(np.float32))
@@ -278,7 +350,7 @@ def export_adapter_gguf(model: str | os.PathLike, adapter: str | os.PathLike, ou
     """
     gguf = _require_gguf()
     folder, out = resolve_base_folder(model), Path(out)
-    config = _llama_config(folder)
+    config = _gguf_config(folder, archs=("llama", "mistral"))  # Ollama's ADAPTER line serves the Llama family
     cfg, _, tensors = read_adapter(adapter)
     unsupported = [what for what, bad in (("DoRA", cfg.dora), ("trained biases", cfg.bias != "none"),
                                           ("modules_to_save", bool(cfg.modules_to_save))) if bad]

@@ -9,11 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .adapter_io import save_adapter
 from .atomic import atomic_file
 from .config import LoraConfig
 from .data import read_jsonl, to_messages
@@ -77,7 +80,8 @@ def parse_settings(recipe_cls, argv: list[str]) -> tuple[Any, LoraConfig, TrainC
     overrides = {}
     for arg in args:
         if arg in ("-h", "--help"):
-            raise SystemExit(_help(recipe_cls, schema, values))
+            print(_help(recipe_cls, schema, values))
+            raise SystemExit(0)
         if "=" not in arg or arg.startswith("-"):
             raise ValueError(f"unexpected argument {arg!r}: settings are key=value (e.g. learning_rate=5e-4), and "
                              f"--config FILE.yaml reads a file")
@@ -133,10 +137,27 @@ def exact_match(model, tokenizer, prompts: list[str], answers: list[str], max_ne
     return correct / max(len(answers), 1), predictions
 
 
+def finish(model, adapter_dir: str, output_dir: str, metrics: dict) -> dict:
+    """Save the adapter and write ``metrics.json`` (with the adapter's path) into ``output_dir``."""
+    adapter = save_adapter(model, adapter_dir)
+    metrics = {**metrics, "adapter": str(adapter)}
+    write_json_atomically(Path(output_dir) / "metrics.json", metrics)
+    print(f"adapter saved to {adapter}; metrics in {output_dir}/metrics.json")
+    return metrics
+
+
+def run(main: Callable[[list[str]], dict]) -> None:
+    """Run a recipe's ``main`` on the command line: our errors become one line on stderr and exit status 1."""
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
 def write_json_atomically(path: str | Path, data: dict) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
     return Path(path)
 
 
-__all__ = ["parse_settings", "exact_match", "prompts_and_answers", "write_json_atomically"]
+__all__ = ["parse_settings", "exact_match", "prompts_and_answers", "finish", "run", "write_json_atomically"]

@@ -7,7 +7,6 @@ The LoRA-adapted body feeds a new linear `score` head (trained in full, saved wi
 modules_to_save). Reports held-out accuracy before and after, and the majority-class baseline.
 """
 
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -15,8 +14,7 @@ from pathlib import Path
 
 import lora
 from lora.data import load_dataset
-from lora.recipe import parse_settings, write_json_atomically
-from lora.trainer import Trainer
+from lora.recipe import finish, parse_settings, run
 
 DATA = Path(__file__).parent / "data"
 
@@ -46,7 +44,7 @@ def main(argv: list[str]) -> dict:
     lora.inject(model, lora_cfg)
     print("trainable parameters: {trainable:,} of {total:,} ({percent:.2f}%)".format(**lora.parameter_count(model)))
 
-    trainer = Trainer(model, train_cfg, train, eval_data=test, pad_id=tokenizer.pad_token_id)
+    trainer = lora.Trainer(model, train_cfg, train, eval_data=test, pad_id=tokenizer.pad_token_id)
     accuracy_before = trainer.evaluate()["accuracy"]
     majority = Counter(e["label"] for e in test).most_common(1)[0][1] / len(test)
     start = time.perf_counter()
@@ -57,18 +55,12 @@ def main(argv: list[str]) -> dict:
           f"(majority-class baseline {majority:.1%})")
     if not trainer.accelerator.is_main_process:  # under `accelerate launch`, one process writes the outputs
         return {}
-    adapter = lora.save_adapter(model, settings.adapter_dir)
-    metrics = {"accuracy_before": accuracy_before, "accuracy_after": accuracy_after,
-               "majority_baseline": majority, "labels": stats.labels, "eval_loss": result.eval_loss,
-               "steps": result.steps, "train_seconds": train_seconds, "tokens_per_second": result.tokens_per_second,
-               "peak_memory_bytes": result.peak_memory_bytes, "adapter": str(adapter), "model": settings.model}
-    write_json_atomically(Path(train_cfg.output_dir) / "metrics.json", metrics)
-    print(f"adapter (with the score head) saved to {adapter}; metrics in {train_cfg.output_dir}/metrics.json")
-    return metrics
+    return finish(model, settings.adapter_dir, train_cfg.output_dir, {  # the adapter includes the score head
+        "accuracy_before": accuracy_before, "accuracy_after": accuracy_after, "majority_baseline": majority,
+        "labels": stats.labels, "eval_loss": result.eval_loss, "steps": result.steps,
+        "train_seconds": train_seconds, "tokens_per_second": result.tokens_per_second,
+        "peak_memory_bytes": result.peak_memory_bytes, "model": settings.model})
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    run(main)

@@ -6,15 +6,13 @@
 Reports held-out perplexity before and after, saves the adapter and writes metrics.json.
 """
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import lora
 from lora.data import load_dataset
-from lora.recipe import parse_settings, write_json_atomically
-from lora.trainer import Trainer
+from lora.recipe import finish, parse_settings, run
 
 DATA = Path(__file__).parent / "data"
 
@@ -40,7 +38,7 @@ def main(argv: list[str]) -> dict:
     test, _ = load_dataset(settings.eval_file, tokenizer, format="text", max_length=train_cfg.seq_len)
     print(f"train data: {stats.describe()}")
     lora.inject(model, lora_cfg)
-    trainer = Trainer(model, train_cfg, train, eval_data=test)
+    trainer = lora.Trainer(model, train_cfg, train, eval_data=test)
     perplexity_before = trainer.evaluate()["perplexity"]
     start = time.perf_counter()
     result = trainer.train()
@@ -48,18 +46,12 @@ def main(argv: list[str]) -> dict:
     print(f"held-out perplexity: before {perplexity_before:.2f}, after {result.perplexity:.2f}")
     if not trainer.accelerator.is_main_process:  # under `accelerate launch`, one process writes the outputs
         return {}
-    adapter = lora.save_adapter(model, settings.adapter_dir)
-    metrics = {"perplexity_before": perplexity_before, "perplexity_after": result.perplexity,
-               "eval_loss": result.eval_loss, "steps": result.steps, "train_seconds": train_seconds,
-               "tokens_per_second": result.tokens_per_second, "peak_memory_bytes": result.peak_memory_bytes,
-               "adapter": str(adapter), "model": settings.model}
-    write_json_atomically(Path(train_cfg.output_dir) / "metrics.json", metrics)
-    print(f"adapter saved to {adapter}; metrics in {train_cfg.output_dir}/metrics.json")
-    return metrics
+    return finish(model, settings.adapter_dir, train_cfg.output_dir, {
+        "perplexity_before": perplexity_before, "perplexity_after": result.perplexity,
+        "eval_loss": result.eval_loss, "steps": result.steps, "train_seconds": train_seconds,
+        "tokens_per_second": result.tokens_per_second, "peak_memory_bytes": result.peak_memory_bytes,
+        "model": settings.model})
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    run(main)

@@ -80,11 +80,12 @@ def char_tokenizer():
     return make_char_tokenizer()
 
 
-def make_char_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+def make_llama_for(tokenizer, seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
+    """A tiny random Llama sized to ``tokenizer``; a large init range so LoRA can move its logits quickly."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, initializer_range=0.2,
+                      tie_word_embeddings=tie, pad_token_id=tokenizer.pad_token_id, initializer_range=0.2,
                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     return LlamaForCausalLM(cfg).eval()
 
@@ -107,11 +108,3 @@ def make_bpe_tokenizer():
     tok.chat_template = CHATML
     return tok
 
-
-def make_bpe_llama(tokenizer, seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=tie, pad_token_id=tokenizer.pad_token_id, initializer_range=0.2,
-                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    return LlamaForCausalLM(cfg).eval()

@@ -4,12 +4,12 @@ import torch
 
 import lora
 from lora.cli import main
-from conftest import make_char_llama, make_char_tokenizer, randomize_adapters
+from conftest import make_llama_for, make_char_tokenizer, randomize_adapters
 
 
 def test_generate_with_an_adapter_matches_the_library(tmp_path, capsys):
     tok = make_char_tokenizer()
-    model = make_char_llama(tok)
+    model = make_llama_for(tok)
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     lora.inject(model, lora.LoraConfig(r=4))

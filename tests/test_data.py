@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lora.data import IGNORE, collate, load_dataset, model_inputs, pack, read_jsonl
-from conftest import make_char_llama, make_char_tokenizer
+from conftest import make_llama_for, make_char_tokenizer
 
 
 def write_jsonl(path, rows):
@@ -115,7 +115,7 @@ def _summed_loss(model, batch):
 def test_packed_loss_equals_unpacked_loss(tmp_path, char_tokenizer):
     rows = [{"instruction": f"Repeat {w}", "output": w} for w in ("cat", "horse", "a", "elephant", "dog", "ox")]
     examples, stats = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), char_tokenizer)
-    model = make_char_llama(char_tokenizer)
+    model = make_llama_for(char_tokenizer)
     pad = char_tokenizer.pad_token_id
     packed = pack(examples, seq_len=80, pad_id=pad)
     assert len(packed) < len(examples)  # several examples share a row
@@ -130,7 +130,7 @@ def test_packed_loss_equals_unpacked_loss(tmp_path, char_tokenizer):
 
 
 def test_packed_examples_do_not_see_each_other(char_tokenizer):
-    model = make_char_llama(char_tokenizer)
+    model = make_llama_for(char_tokenizer)
     a = {"input_ids": [10, 11, 12, 13], "targets": [11, 12, 13, IGNORE]}
     b = {"input_ids": [20, 21, 22], "targets": [21, 22, IGNORE]}
     a2 = {"input_ids": [30, 31, 32, 33], "targets": [31, 32, 33, IGNORE]}

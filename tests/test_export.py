@@ -1,6 +1,7 @@
 """Export round trips: merged HF folder (Llama, GPT-2), GGUF read back by transformers, adapter GGUF, Modelfile."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,9 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lora
 from lora.cli import main
-from lora.export import (export_adapter_gguf, export_gguf, export_merged, ollama_modelfile, permute_for_llama_cpp,
-                         write_modelfile)
-from conftest import make_bpe_llama, make_bpe_tokenizer, make_gpt2, randomize_adapters
+from lora.export import export_adapter_gguf, export_gguf, export_merged, ollama_modelfile, permute_for_llama_cpp
+from conftest import make_bpe_tokenizer, make_gpt2, make_llama_for, randomize_adapters
 
 
 def base_and_adapter(tmp_path, make_model, tokenizer=None, **cfg):
@@ -32,7 +32,7 @@ def base_and_adapter(tmp_path, make_model, tokenizer=None, **cfg):
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_merged_folder_loads_with_transformers_and_matches(tmp_path, name):
     tok = make_bpe_tokenizer()
-    make = (lambda: make_bpe_llama(tok)) if name == "llama" else make_gpt2
+    make = (lambda: make_llama_for(tok)) if name == "llama" else make_gpt2
     tokens, expected = base_and_adapter(tmp_path, make, tok if name == "llama" else None)
     out = export_merged(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
@@ -44,7 +44,7 @@ def test_merged_folder_loads_with_transformers_and_matches(tmp_path, name):
 
 def test_merged_folder_is_sharded_above_the_limit(tmp_path):
     tok = make_bpe_tokenizer()
-    tokens, expected = base_and_adapter(tmp_path, lambda: make_bpe_llama(tok), tok)
+    tokens, expected = base_and_adapter(tmp_path, lambda: make_llama_for(tok), tok)
     out = export_merged(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", max_shard_bytes=40_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2 and not (out / "model.safetensors").exists()
@@ -53,7 +53,7 @@ def test_merged_folder_is_sharded_above_the_limit(tmp_path):
 
 def test_merge_refuses_an_adapter_for_another_model_and_keeps_old_output(tmp_path):
     tok = make_bpe_tokenizer()
-    base_and_adapter(tmp_path, lambda: make_bpe_llama(tok), tok)
+    base_and_adapter(tmp_path, lambda: make_llama_for(tok), tok)
     make_gpt2().save_pretrained(tmp_path / "gpt2")
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "keep.txt").write_text("mine")
@@ -68,7 +68,7 @@ def test_merge_refuses_an_adapter_for_another_model_and_keeps_old_output(tmp_pat
 @pytest.mark.parametrize("dtype, tolerance", [("f32", None), ("f16", 0.005), ("q8_0", 0.06)])
 def test_gguf_read_back_by_transformers_matches_the_merged_model(tmp_path, dtype, tolerance):
     tok = make_bpe_tokenizer()
-    tokens, expected = base_and_adapter(tmp_path, lambda: make_bpe_llama(tok), tok)
+    tokens, expected = base_and_adapter(tmp_path, lambda: make_llama_for(tok), tok)
     path = export_gguf(tmp_path / "base", tmp_path / "out" / "model.gguf", tmp_path / "adapter", dtype=dtype)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_tied_head_is_left_out_of_the_gguf(tmp_path):
     import gguf
 
     tok = make_bpe_tokenizer()
-    tokens, expected = base_and_adapter(tmp_path, lambda: make_bpe_llama(tok, tie=True), tok)
+    tokens, expected = base_and_adapter(tmp_path, lambda: make_llama_for(tok, tie=True), tok)
     path = export_gguf(tmp_path / "base", tmp_path / "model.gguf", tmp_path / "adapter", dtype="f32")
     names = {t.name for t in gguf.GGUFReader(str(path)).tensors}
     assert "output.weight" not in names and "token_embd.weight" in names
@@ -101,7 +101,7 @@ def test_adapter_gguf_holds_the_permuted_update(tmp_path):
     import gguf
 
     tok = make_bpe_tokenizer()
-    base_and_adapter(tmp_path, lambda: make_bpe_llama(tok), tok, rslora=True)
+    base_and_adapter(tmp_path, lambda: make_llama_for(tok), tok, rslora=True)
     path = export_adapter_gguf(tmp_path / "base", tmp_path / "adapter", tmp_path / "adapter.gguf")
     reader = gguf.GGUFReader(str(path))
     assert reader.get_field("general.type").contents() == "adapter"
@@ -121,18 +121,43 @@ def test_adapter_gguf_holds_the_permuted_update(tmp_path):
 
 def test_adapter_gguf_refuses_what_llama_cpp_cannot_hold(tmp_path):
     tok = make_bpe_tokenizer()
-    base_and_adapter(tmp_path, lambda: make_bpe_llama(tok), tok, dora=True)
+    base_and_adapter(tmp_path, lambda: make_llama_for(tok), tok, dora=True)
     with pytest.raises(ValueError, match="uses DoRA.*Merge it instead: lora export gguf --adapter"):
         export_adapter_gguf(tmp_path / "base", tmp_path / "adapter", tmp_path / "a.gguf")
     assert not (tmp_path / "a.gguf").exists()
 
 
-def test_gguf_refuses_non_llama_and_bad_dtype(tmp_path):
-    make_gpt2().save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ValueError, match="supports the Llama family.*'gpt2'"):
-        export_gguf(tmp_path / "gpt2", tmp_path / "x.gguf")
+def test_gpt2_gguf_read_back_by_transformers_matches_the_merged_model(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = make_bpe_tokenizer()
+
+    def make():
+        torch.manual_seed(0)
+        # n_positions=1024 as in GPT-2 itself: transformers' GGUF reader maps gpt2.context_length to n_ctx, not to
+        # n_positions, so it always builds a 1024-row position table
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=1024,
+                                          bos_token_id=0, eos_token_id=tok.eos_token_id)).eval()
+
+    tokens, expected = base_and_adapter(tmp_path, make, tok)
+    path = export_gguf(tmp_path / "base", tmp_path / "out" / "model.gguf", tmp_path / "adapter", dtype="f32")
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="supports llama, mistral models; .* is a 'gpt2' model"):
+        export_adapter_gguf(tmp_path / "base", tmp_path / "adapter", tmp_path / "a.gguf")
+
+
+def test_gguf_refuses_other_architectures_and_bad_dtype(tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                             word_embed_proj_dim=16)).save_pretrained(tmp_path / "opt")
+    with pytest.raises(ValueError, match="GGUF export supports llama, mistral, gpt2 models; .* is a 'opt' model"):
+        export_gguf(tmp_path / "opt", tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
     with pytest.raises(ValueError, match="dtype must be one of"):
-        export_gguf(tmp_path / "gpt2", tmp_path / "x.gguf", dtype="q4")
+        export_gguf(tmp_path / "opt", tmp_path / "x.gguf", dtype="q4")
     with pytest.raises(ValueError, match="is a GGUF file"):
         export_gguf(tmp_path / "model.gguf", tmp_path / "x.gguf")
 
@@ -153,7 +178,7 @@ def test_modelfile_converts_a_chatml_template():
 
 def test_cli_merge_and_export_gguf_with_modelfile(tmp_path, capsys):
     tok = make_bpe_tokenizer()
-    tokens, expected = base_and_adapter(tmp_path, lambda: make_bpe_llama(tok), tok)
+    tokens, expected = base_and_adapter(tmp_path, lambda: make_llama_for(tok), tok)
     assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
                  "--out", str(tmp_path / "merged")]) == 0
     torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(tokens).logits, expected,
@@ -167,3 +192,28 @@ def test_cli_merge_and_export_gguf_with_modelfile(tmp_path, capsys):
     assert "ollama create" in capsys.readouterr().out
     assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "m2")]) == 2
+
+
+def test_smollm2_adapter_through_gguf_answers_held_out_prompts_like_the_merged_model(tmp_path):
+    """The real default model: a briefly trained adapter, exported to GGUF, read back by transformers."""
+    from lora.data import load_dataset
+    from lora.recipe import exact_match, prompts_and_answers
+    from lora.trainer import TrainConfig, Trainer
+
+    data = Path(__file__).resolve().parents[1] / "recipes" / "data"
+    model, tokenizer = lora.load_model("smollm2-135m")
+    train, _ = load_dataset(data / "extract_train.jsonl", tokenizer, max_length=256)
+    lora.inject(model, lora.LoraConfig(r=8, alpha=16))
+    Trainer(model, TrainConfig(max_steps=3, batch_size=4, seq_len=256, output_dir=str(tmp_path / "run")),
+            train[:96]).train()
+    lora.save_adapter(model, tmp_path / "adapter")
+    prompts, answers = prompts_and_answers(data / "extract_eval.jsonl")
+    prompts, answers = prompts[:12], answers[:12]
+    _, expected = exact_match(lora.merge_and_unload(model), tokenizer, prompts, answers, max_new_tokens=16)
+
+    path = export_gguf("smollm2-135m", tmp_path / "gguf" / "model.gguf", tmp_path / "adapter", dtype="f32")
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    gguf_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    _, got = exact_match(loaded, gguf_tokenizer, prompts, answers, max_new_tokens=16)
+    assert got == expected
+    assert sum(g.strip() == a for g, a in zip(got, answers)) >= 3  # the base model gets 0 of these right

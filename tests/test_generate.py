@@ -6,7 +6,7 @@ from torch import nn
 
 import lora
 from lora.generate import filter_logits
-from conftest import make_char_llama
+from conftest import make_llama_for
 from tiny_gpt import TinyGPT
 
 
@@ -76,7 +76,7 @@ def test_generation_stops_at_eos_and_pads_finished_rows():
 
 
 def test_batched_text_prompts_equal_one_by_one_on_a_hf_model(char_tokenizer):
-    model = make_char_llama(char_tokenizer)
+    model = make_llama_for(char_tokenizer)
     prompts = ["hi", "a much longer prompt"]
     batched = lora.generate(model, char_tokenizer, prompts, max_new_tokens=8, temperature=0)
     single = [lora.generate(model, char_tokenizer, p, max_new_tokens=8, temperature=0) for p in prompts]

@@ -8,7 +8,7 @@ import torch
 import lora
 import lora.models
 from lora.models import embedded_gguf
-from conftest import make_char_llama, make_char_tokenizer
+from conftest import make_llama_for, make_char_tokenizer
 
 
 def test_default_model_answers_sensibly_and_the_cached_load_is_fast(tmp_path, monkeypatch):
@@ -39,7 +39,7 @@ def test_gguf_file_loads_directly():
 
 def test_hf_folder_round_trip(tmp_path):
     tok = make_char_tokenizer()
-    model = make_char_llama(tok)
+    model = make_llama_for(tok)
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     loaded, loaded_tok = lora.load_model(tmp_path / "m")

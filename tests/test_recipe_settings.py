@@ -64,3 +64,11 @@ def test_shipped_configs_match_their_recipes(recipe, cls):
     assert train_cfg.output_dir == f"runs/{recipe}"
     header = (ROOT / "recipes" / "configs" / f"{recipe}.yaml").read_text().splitlines()[0]
     assert header == f"# python recipes/{recipe}.py --config recipes/configs/{recipe}.yaml [key=value ...]"
+
+
+def test_help_lists_every_setting_with_its_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_settings(Demo, ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "  learning_rate (float) = 0.001" in out and "  limit (int | None) = None" in out and "  r (int) = 4" in out

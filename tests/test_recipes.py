@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_char_llama, make_char_tokenizer
+from conftest import make_llama_for, make_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -18,7 +18,7 @@ import sft  # noqa: E402
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     tok = make_char_tokenizer()
-    make_char_llama(tok).save_pretrained(tmp_path / "model")
+    make_llama_for(tok).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     return tmp_path / "model"
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import lora
 from lora.data import load_dataset
 from lora.trainer import TrainConfig, Trainer, lr_factor
-from conftest import make_char_llama, make_char_tokenizer
+from conftest import make_llama_for, make_char_tokenizer
 
 WORDS = ["cat", "horse", "a", "elephant", "dog", "ox", "giraffe", "bee", "rhinoceros", "yak", "emu", "lion"]
 
@@ -30,7 +30,7 @@ def write_task(path: Path, n: int = 48) -> Path:
 
 def setup(tmp_path, dropout=0.0, seed=0, **train):
     tok = make_char_tokenizer()
-    model = make_char_llama(tok, seed=seed)
+    model = make_llama_for(tok, seed=seed)
     torch.manual_seed(seed)
     lora.inject(model, lora.LoraConfig(r=4, alpha=8, dropout=dropout))
     examples, _ = load_dataset(write_task(tmp_path / "task.jsonl"), tok)
@@ -205,7 +205,7 @@ def test_train_config_validation(kwargs, message):
 
 def test_model_without_trainable_parameters_is_refused(tmp_path):
     tok = make_char_tokenizer()
-    model = make_char_llama(tok)
+    model = make_llama_for(tok)
     for p in model.parameters():
         p.requires_grad_(False)
     examples, _ = load_dataset(write_task(tmp_path / "t.jsonl"), tok)
@@ -225,3 +225,23 @@ def test_head_only_at_labelled_positions_equals_the_full_logits_loss(tmp_path):
     full = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum")
     assert n == int((batch["targets"] != IGNORE).sum()) > 10
     torch.testing.assert_close(chunked, full, atol=1e-4, rtol=1e-5)
+
+
+def test_public_api_names_from_the_contract():
+    for name in ("LoraConfig", "inject", "save_adapter", "load_adapter", "merge", "unmerge", "merge_and_unload",
+                 "disabled", "set_active", "adapter_state_dict", "load_model", "generate", "Trainer", "TrainConfig"):
+        assert name in lora.__all__ and callable(getattr(lora, name)), name
+    result_fields = set(lora.TrainResult.__dataclass_fields__)
+    assert {"steps", "train_loss", "eval_loss", "perplexity", "tokens_per_second", "peak_memory_bytes"} <= result_fields
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    grads_by_setting = []
+    for checkpointing in (False, True):
+        model, _, examples, cfg = setup(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing)
+        trainer = Trainer(model, cfg, examples)
+        trainer.loss_module.train()
+        trainer._backward_window([trainer._batch(trainer.rows[:2])])
+        grads_by_setting.append(grads(model))
+    for name, g in grads_by_setting[0].items():
+        torch.testing.assert_close(grads_by_setting[1][name], g, atol=1e-6, rtol=1e-5)

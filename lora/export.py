@@ -22,7 +22,7 @@ from safetensors import safe_open
 from .adapter_io import read_adapter
 from .atomic import atomic_dir, atomic_file
 from .merge import AdapterMerger
-from .models import _EMBEDDED, SOURCE_INFO, _convert_once
+from .models import EMBEDDED_MODELS, SOURCE_INFO, converted_folder
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -36,12 +36,12 @@ def resolve_base_folder(model: str | os.PathLike) -> Path:
         ValueError: not an embedded name or a folder with config.json and safetensors weights.
     """
     name = str(model)
-    if name in _EMBEDDED:
-        return _convert_once(name)
+    if name in EMBEDDED_MODELS:
+        return converted_folder(name)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         raise ValueError(f"{path} is a GGUF file; export needs the base model as a Hugging Face folder or "
-                         f"{sorted(_EMBEDDED)}. Convert it first: python -c \"import lora; m, t = "
+                         f"{sorted(EMBEDDED_MODELS)}. Convert it first: python -c \"import lora; m, t = "
                          f"lora.load_model('{path}'); m.save_pretrained('base'); t.save_pretrained('base')\"")
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a Hugging Face model folder (no config.json)")

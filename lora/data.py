@@ -294,6 +294,19 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def prompts_and_answers(path: str | Path) -> tuple[list[str], list[str]]:
+    """The user prompt and expected answer of every example in an instruction file (for exact match)."""
+    fmt, records = read_jsonl(path)
+    if fmt not in ("alpaca", "prompt_completion", "chat"):
+        raise ValueError(f"{path} is in the {fmt!r} format; exact-match evaluation needs prompts with answers")
+    prompts, answers = [], []
+    for record in records:
+        messages = to_messages(record, fmt)
+        prompts.append(messages[-2]["content"])
+        answers.append(messages[-1]["content"])
+    return prompts, answers
+
+
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 
@@ -308,5 +321,5 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | boo
     return inputs
 
 
-__all__ = ["read_jsonl", "load_dataset", "pack", "collate", "model_inputs", "detect_format", "tokenize_chat", "render_chat",
+__all__ = ["read_jsonl", "load_dataset", "prompts_and_answers", "pack", "collate", "model_inputs", "detect_format", "tokenize_chat", "render_chat",
            "DataStats", "FORMATS", "IGNORE"]

@@ -135,4 +135,21 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str] | torch.Tensor
     return texts[0] if isinstance(prompt, str) else texts
 
 
-__all__ = ["generate", "sample_next_token", "filter_logits"]
+def exact_match(model, tokenizer, prompts: list[str], answers: list[str], max_new_tokens: int | None = None,
+                batch_size: int = 32) -> tuple[float, list[str]]:
+    """Greedy answers to ``prompts`` and the fraction equal to ``answers`` (whitespace stripped).
+
+    ``max_new_tokens`` defaults to the longest answer plus 4 tokens (its end-of-turn markers): a longer answer
+    cannot match, and generation is the slow part.
+    """
+    if max_new_tokens is None:
+        max_new_tokens = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 4
+    predictions: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        predictions += generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
+                                temperature=0)
+    correct = sum(p.strip() == a.strip() for p, a in zip(predictions, answers))
+    return correct / max(len(answers), 1), predictions
+
+
+__all__ = ["generate", "exact_match", "sample_next_token", "filter_logits"]

@@ -19,8 +19,6 @@ import yaml
 from .adapter_io import save_adapter
 from .atomic import atomic_file
 from .config import LoraConfig
-from .data import read_jsonl, to_messages
-from .generate import generate
 from .trainer import TrainConfig
 
 
@@ -113,30 +111,6 @@ def _help(recipe_cls, schema: dict[str, str], values: dict) -> str:
     return "\n".join(lines)
 
 
-def prompts_and_answers(path: str | Path) -> tuple[list[str], list[str]]:
-    """The user prompt and expected answer of every example in an instruction file (for exact match)."""
-    fmt, records = read_jsonl(path)
-    if fmt not in ("alpaca", "prompt_completion", "chat"):
-        raise ValueError(f"{path} is in the {fmt!r} format; exact-match evaluation needs prompts with answers")
-    prompts, answers = [], []
-    for record in records:
-        messages = to_messages(record, fmt)
-        prompts.append(messages[-2]["content"])
-        answers.append(messages[-1]["content"])
-    return prompts, answers
-
-
-def exact_match(model, tokenizer, prompts: list[str], answers: list[str], max_new_tokens: int = 32,
-                batch_size: int = 32) -> tuple[float, list[str]]:
-    """Greedy answers to ``prompts`` and the fraction equal to ``answers`` (whitespace stripped)."""
-    predictions: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        predictions += generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
-                                temperature=0)
-    correct = sum(p.strip() == a.strip() for p, a in zip(predictions, answers))
-    return correct / max(len(answers), 1), predictions
-
-
 def finish(model, adapter_dir: str, output_dir: str, metrics: dict) -> dict:
     """Save the adapter and write ``metrics.json`` (with the adapter's path) into ``output_dir``."""
     adapter = save_adapter(model, adapter_dir)
@@ -160,4 +134,4 @@ def write_json_atomically(path: str | Path, data: dict) -> Path:
     return Path(path)
 
 
-__all__ = ["parse_settings", "exact_match", "prompts_and_answers", "finish", "run", "write_json_atomically"]
+__all__ = ["parse_settings", "finish", "run", "write_json_atomically"]

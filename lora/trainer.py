@@ -28,6 +28,7 @@ from torch import nn
 from .adapter_io import save_adapter
 from .atomic import atomic_dir
 from .data import IGNORE, collate, model_inputs, pack
+from .generate import exact_match
 from .inject import adapters_of
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -128,6 +129,7 @@ class TrainResult:
     tokens_per_second: float
     peak_memory_bytes: int
     train_seconds: float
+    exact_match: float | None = None
     interrupted: bool = False
     checkpoint: str | None = None
 
@@ -219,13 +221,18 @@ class Trainer:
         train_data: Tokenized examples from :func:`lora.data.load_dataset` (``input_ids`` + ``targets``, or
             ``input_ids`` + ``label`` for classification with a sequence-classification model).
         eval_data: Examples of the same kind for evaluation loss/perplexity (or accuracy for classification).
+        exact_match_data: ``(prompts, answers)``: evaluation also answers the prompts greedily and reports the
+            fraction equal to the answers (needs ``tokenizer``); see :func:`lora.data.prompts_and_answers`.
+        tokenizer: The model's tokenizer, for ``exact_match_data``.
         pad_id: Padding token id (default: the model config's ``pad_token_id``, else 0).
         adapter: The adapter saved in checkpoints.
         callbacks: Called as ``fn(trainer, step, metrics)`` after every optimizer step.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_data: list[dict],
-                 eval_data: list[dict] | None = None, pad_id: int | None = None, adapter: str = "default",
+                 eval_data: list[dict] | None = None,
+                 exact_match_data: tuple[list[str], list[str]] | None = None, tokenizer=None,
+                 pad_id: int | None = None, adapter: str = "default",
                  callbacks: list[Callable[["Trainer", int, dict], None]] | None = None):
         from accelerate import Accelerator
 
@@ -246,6 +253,10 @@ class Trainer:
         else:
             self.rows = train_data
         self.eval_data = eval_data
+        if exact_match_data is not None and tokenizer is None:
+            raise ValueError("exact_match_data needs the model's tokenizer: Trainer(..., tokenizer=tokenizer)")
+        self.exact_match_data = exact_match_data
+        self.tokenizer = tokenizer
 
         self.accelerator = Accelerator(
             mixed_precision=_mixed_precision(config.precision),
@@ -291,10 +302,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data: list[dict] | None = None) -> dict[str, float]:
-        """Mean loss and perplexity over ``data`` (default: the eval data); accuracy too for classification."""
+        """Mean loss and perplexity over ``data`` (default: the eval data); accuracy for classification; exact
+        match when the trainer has ``exact_match_data``."""
+        result = {}
+        if self.exact_match_data is not None:
+            prompts, answers = self.exact_match_data
+            result["exact_match"] = exact_match(self.model, self.tokenizer, prompts, answers)[0]
         data = self.eval_data if data is None else data
         if not data:
-            return {}
+            return result
         model = self.model
         was_training = model.training
         model.eval()
@@ -311,7 +327,7 @@ class Trainer:
                     loss, n = self._loss_sum(batch)
                     total, count = total + float(loss), count + n
         model.train(was_training)
-        result = {"eval_loss": total / max(count, 1)}
+        result["eval_loss"] = total / max(count, 1)
         result["perplexity"] = math.exp(min(result["eval_loss"], 50.0))  # capped so a diverged model cannot overflow
         if self.classification:
             result["accuracy"] = correct / max(count, 1)
@@ -395,7 +411,7 @@ class Trainer:
         if acc.is_main_process and self.history:
             self.plot_loss_curve(self.output_dir / "loss_curve.png")
         return TrainResult(steps=self.step, train_loss=last_loss, eval_loss=final.get("eval_loss"),
-                           perplexity=final.get("perplexity"),
+                           perplexity=final.get("perplexity"), exact_match=final.get("exact_match"),
                            tokens_per_second=tokens_seen / max(train_seconds, 1e-9),
                            peak_memory_bytes=_peak_memory_bytes(acc.device), train_seconds=train_seconds,
                            interrupted=interrupted, checkpoint=str(checkpoint) if checkpoint else None)

@@ -6,7 +6,6 @@
 Reports held-out perplexity before and after, saves the adapter and writes metrics.json.
 """
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,15 +39,13 @@ def main(argv: list[str]) -> dict:
     lora.inject(model, lora_cfg)
     trainer = lora.Trainer(model, train_cfg, train, eval_data=test)
     perplexity_before = trainer.evaluate()["perplexity"]
-    start = time.perf_counter()
     result = trainer.train()
-    train_seconds = time.perf_counter() - start
     print(f"held-out perplexity: before {perplexity_before:.2f}, after {result.perplexity:.2f}")
     if not trainer.accelerator.is_main_process:  # under `accelerate launch`, one process writes the outputs
         return {}
     return finish(model, settings.adapter_dir, train_cfg.output_dir, {
         "perplexity_before": perplexity_before, "perplexity_after": result.perplexity,
-        "eval_loss": result.eval_loss, "steps": result.steps, "train_seconds": train_seconds,
+        "eval_loss": result.eval_loss, "steps": result.steps, "train_seconds": result.train_seconds,
         "tokens_per_second": result.tokens_per_second, "peak_memory_bytes": result.peak_memory_bytes,
         "model": settings.model})
 

@@ -7,13 +7,13 @@
 Measures held-out exact-match accuracy before and after training, saves the adapter and writes metrics.json.
 """
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import lora
-from lora.data import load_dataset
-from lora.recipe import exact_match, finish, parse_settings, prompts_and_answers, run
+from lora.data import load_dataset, prompts_and_answers
+from lora.generate import exact_match
+from lora.recipe import finish, parse_settings, run
 
 DATA = Path(__file__).parent / "data"
 
@@ -26,7 +26,7 @@ class SFT:
     train_file: str = str(DATA / "extract_train.jsonl")
     eval_file: str = str(DATA / "extract_eval.jsonl")
     adapter_dir: str = "adapters/sft"
-    eval_max_new_tokens: int = 32
+    eval_max_new_tokens: int | None = None  # None: the longest held-out answer plus 4 tokens
 
     # Recipe defaults for LoraConfig/TrainConfig fields, chosen for small instruction sets on a CPU.
     # 8 packed rows per optimizer step, as 2 rows x 4 accumulated micro-batches: the same step as 8 at once (the
@@ -49,21 +49,21 @@ def main(argv: list[str]) -> dict:
 
     lora.inject(model, lora_cfg)
     print("trainable parameters: {trainable:,} of {total:,} ({percent:.2f}%)".format(**lora.parameter_count(model)))
-    start = time.perf_counter()
-    trainer = lora.Trainer(model, train_cfg, train, eval_data=eval_examples)
+    trainer = lora.Trainer(model, train_cfg, train, eval_data=eval_examples, exact_match_data=(prompts, answers),
+                           tokenizer=tokenizer)
     result = trainer.train()
-    train_seconds = time.perf_counter() - start
 
-    accuracy_after, predictions = exact_match(model, tokenizer, prompts, answers, settings.eval_max_new_tokens)
+    accuracy_after = result.exact_match
     print(f"held-out exact match after training: {accuracy_after:.1%}")
-    for prompt, answer, got in list(zip(prompts, answers, predictions))[:3]:
+    _, shown = exact_match(model, tokenizer, prompts[:3], answers[:3], settings.eval_max_new_tokens)
+    for prompt, answer, got in zip(prompts, answers, shown):
         print(f"  {prompt.splitlines()[-1][:70]!r} -> {got!r} (expected {answer!r})")
     if not trainer.accelerator.is_main_process:  # under `accelerate launch`, one process writes the outputs
         return {}
     metrics = finish(model, settings.adapter_dir, train_cfg.output_dir, {
         "accuracy_before": accuracy_before, "accuracy_after": accuracy_after, "eval_loss": result.eval_loss,
         "perplexity": result.perplexity, "train_loss": result.train_loss, "steps": result.steps,
-        "train_seconds": train_seconds, "tokens_per_second": result.tokens_per_second,
+        "train_seconds": result.train_seconds, "tokens_per_second": result.tokens_per_second,
         "peak_memory_bytes": result.peak_memory_bytes, "model": settings.model})
     print(f"try it:     lora generate --model {settings.model} --adapter {metrics['adapter']} --prompt '...' "
           f"--temperature 0\nexport it:  lora export gguf --model {settings.model} --adapter {metrics['adapter']} "

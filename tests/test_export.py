@@ -196,8 +196,8 @@ def test_cli_merge_and_export_gguf_with_modelfile(tmp_path, capsys):
 
 def test_smollm2_adapter_through_gguf_answers_held_out_prompts_like_the_merged_model(tmp_path):
     """The real default model: a briefly trained adapter, exported to GGUF, read back by transformers."""
-    from lora.data import load_dataset
-    from lora.recipe import exact_match, prompts_and_answers
+    from lora.data import load_dataset, prompts_and_answers
+    from lora.generate import exact_match
     from lora.trainer import TrainConfig, Trainer
 
     data = Path(__file__).resolve().parents[1] / "recipes" / "data"
@@ -209,11 +209,11 @@ def test_smollm2_adapter_through_gguf_answers_held_out_prompts_like_the_merged_m
     lora.save_adapter(model, tmp_path / "adapter")
     prompts, answers = prompts_and_answers(data / "extract_eval.jsonl")
     prompts, answers = prompts[:12], answers[:12]
-    _, expected = exact_match(lora.merge_and_unload(model), tokenizer, prompts, answers, max_new_tokens=16)
+    _, expected = exact_match(lora.merge_and_unload(model), tokenizer, prompts, answers)
 
     path = export_gguf("smollm2-135m", tmp_path / "gguf" / "model.gguf", tmp_path / "adapter", dtype="f32")
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     gguf_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    _, got = exact_match(loaded, gguf_tokenizer, prompts, answers, max_new_tokens=16)
+    _, got = exact_match(loaded, gguf_tokenizer, prompts, answers)
     assert got == expected
     assert sum(g.strip() == a for g, a in zip(got, answers)) >= 3  # the base model gets 0 of these right

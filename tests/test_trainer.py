@@ -245,3 +245,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         grads_by_setting.append(grads(model))
     for name, g in grads_by_setting[0].items():
         torch.testing.assert_close(grads_by_setting[1][name], g, atol=1e-6, rtol=1e-5)
+
+
+def test_generation_exact_match_is_reported_during_and_after_training(tmp_path):
+    from lora.generate import exact_match
+
+    model, tok, examples, cfg = setup(tmp_path, learning_rate=1e-2, batch_size=2, epochs=4, eval_every=10)
+    prompts = [f"Reverse\n\n{w}" for w in WORDS[:6]]
+    answers = [w[::-1] for w in WORDS[:6]]
+    trainer = Trainer(model, cfg, examples, exact_match_data=(prompts, answers), tokenizer=tok)
+    result = trainer.train()
+    longest = max(len(a) for a in answers)  # one token per character
+    assert result.exact_match == exact_match(model, tok, prompts, answers, max_new_tokens=longest + 4)[0]
+    assert any("exact_match" in h for h in trainer.history)  # also at the eval_every steps
+    with pytest.raises(ValueError, match="exact_match_data needs the model's tokenizer"):
+        Trainer(model, cfg, examples, exact_match_data=(prompts, answers))

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from .adapter_io import read_adapter
 from .atomic import atomic_dir, atomic_file
 from .merge import AdapterMerger
-from .models import EMBEDDED_MODELS, SOURCE_INFO, converted_folder
+from .models import EMBEDDED_MODELS, SOURCE_INFO, converted_folder, require_gguf
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -89,6 +89,12 @@ def merged_tensors(folder: Path, adapter: str | os.PathLike | None) -> Iterator[
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
+def _nbytes(spec: tuple[str, str, list[int]]) -> int:
+    """Bytes of a tensor described by a :func:`_tensor_specs` entry."""
+    _, dtype, shape = spec
+    return _DTYPE_BYTES[dtype] * math.prod(shape)
+
+
 def _write_safetensors_stream(path: Path, specs: list[tuple[str, str, list[int]]],
                               tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Write a safetensors file tensor by tensor, holding one tensor at a time.
@@ -98,16 +104,16 @@ def _write_safetensors_stream(path: Path, specs: list[tuple[str, str, list[int]]
     """
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, dtype, shape in specs:
-        size = _DTYPE_BYTES[dtype] * math.prod(shape)
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
+    for spec in specs:
+        name, dtype, shape = spec
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + _nbytes(spec)]}
+        offset += _nbytes(spec)
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for name, dtype, shape in specs:
+        for name, _, shape in specs:
             got_name, tensor = next(tensors)
             if got_name != name or list(tensor.shape) != shape:
                 raise RuntimeError(f"merged tensor {got_name} {list(tensor.shape)} arrived where {name} {shape} "
@@ -138,7 +144,7 @@ def export_merged(model: str | os.PathLike, adapter: str | os.PathLike | None, o
     shards: list[list[tuple[str, str, list[int]]]] = [[]]
     size = 0
     for spec in specs:
-        nbytes = _DTYPE_BYTES[spec[1]] * math.prod(spec[2])
+        nbytes = _nbytes(spec)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -152,7 +158,7 @@ def export_merged(model: str | os.PathLike, adapter: str | os.PathLike | None, o
             _write_safetensors_stream(tmp / name, shard, stream)
         next(stream, None)  # run the generator to its end: it checks that every adapter tensor was used
         if len(shards) > 1:
-            total = sum(_DTYPE_BYTES[d] * math.prod(s) for _, d, s in specs)
+            total = sum(_nbytes(spec) for spec in specs)
             weight_map = {spec[0]: name for name, shard in zip(names, shards) for spec in shard}
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -163,15 +169,6 @@ def export_merged(model: str | os.PathLike, adapter: str | os.PathLike | None, o
 
 
 # -- GGUF ---------------------------------------------------------------------------------------------------------
-def _require_gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise ValueError("GGUF export needs the 'gguf' package: pip install gguf  (or pip install 'lora[gguf]')") \
-            from None
-    return gguf
-
-
 _GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "gpt2": "gpt2"}  # transformers model_type -> llama.cpp arch
 
 
@@ -316,7 +313,7 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, adapter: str |
     Returns:
         The file written.
     """
-    gguf = _require_gguf()
+    gguf = require_gguf()
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"dtype must be one of {GGUF_DTYPES}, got {dtype!r}")
     folder, out = resolve_base_folder(model), Path(out)
@@ -348,7 +345,7 @@ def export_adapter_gguf(model: str | os.PathLike, adapter: str | os.PathLike, ou
     Raises:
         ValueError: DoRA, trained biases or ``modules_to_save`` (llama.cpp adapters hold plain A/B pairs only).
     """
-    gguf = _require_gguf()
+    gguf = require_gguf()
     folder, out = resolve_base_folder(model), Path(out)
     config = _gguf_config(folder, archs=("llama", "mistral"))  # Ollama's ADAPTER line serves the Llama family
     cfg, _, tensors = read_adapter(adapter)

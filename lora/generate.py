@@ -110,8 +110,9 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str] | torch.Tensor
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     past = None
     step_ids, step_pos = ids, (mask.cumsum(-1) - 1).clamp_min(0)
+    hf = _is_hf(model)
     for _ in range(max_new_tokens):
-        if _is_hf(model):
+        if hf:
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
                         use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1]

@@ -52,9 +52,13 @@ def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
     return path
 
 
-def _require_gguf_package() -> None:
+def require_gguf():
+    """The ``gguf`` package, or a ValueError with the command that installs it (reading and writing GGUF)."""
     if importlib.util.find_spec("gguf") is None:
-        raise ValueError("reading .gguf files needs the 'gguf' package: pip install gguf  (or pip install 'lora[gguf]')")
+        raise ValueError("GGUF files need the 'gguf' package: pip install gguf  (or pip install 'lora[gguf]')")
+    import gguf
+
+    return gguf
 
 
 def _load_hf(folder: Path, gguf_file: str | None, dtype: torch.dtype, num_labels: int | None = None):
@@ -80,9 +84,7 @@ def _load_hf(folder: Path, gguf_file: str | None, dtype: torch.dtype, num_labels
 
 
 def _gguf_pre(path: Path) -> str:
-    import gguf
-
-    field = gguf.GGUFReader(str(path)).get_field("tokenizer.ggml.pre")
+    field = require_gguf().GGUFReader(str(path)).get_field("tokenizer.ggml.pre")
     return field.contents() if field is not None else "default"
 
 
@@ -92,7 +94,7 @@ def converted_folder(name: str) -> Path:
     if (target / SOURCE_INFO).is_file():  # written last: its presence means the folder is complete and current
         return target
     gguf_path = embedded_gguf(name)
-    _require_gguf_package()
+    require_gguf()
     model, tokenizer = _load_hf(gguf_path.parent, gguf_path.name, torch.float32)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
@@ -128,7 +130,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
     else:
         path = Path(name).expanduser()
         if path.is_file() and path.suffix == ".gguf":
-            _require_gguf_package()
+            require_gguf()
             model, tokenizer = _load_hf(path.parent, path.name, dtype, num_labels)
         elif path.is_dir():
             if not (path / "config.json").is_file():
@@ -144,5 +146,5 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
     return model.eval(), tokenizer
 
 
-__all__ = ["load_model", "converted_folder", "cache_dir", "embedded_gguf", "default_dtype", "DEFAULT_MODEL",
-           "EMBEDDED_MODELS"]
+__all__ = ["load_model", "converted_folder", "require_gguf", "cache_dir", "embedded_gguf", "default_dtype",
+           "DEFAULT_MODEL", "EMBEDDED_MODELS"]

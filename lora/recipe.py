@@ -86,8 +86,8 @@ def parse_settings(recipe_cls, argv: list[str]) -> tuple[Any, LoraConfig, TrainC
         key, _, value = arg.partition("=")
         overrides[key] = value
     _check_keys(overrides, schema, "the command line")
-    values.update({k: _coerce(v, schema[k], k) for k, v in overrides.items()})
-    for key, value in values.items():
+    values.update(overrides)
+    for key, value in values.items():  # command-line strings, and YAML strings such as 1e-3 (YAML 1.1: a str)
         if isinstance(value, str) and schema[key] != "str":
             values[key] = _coerce(value, schema[key], key)
 

@@ -353,8 +353,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
-        if cfg.resume and self.latest_checkpoint() is not None:
-            self._resume()
+        latest = self.latest_checkpoint() if cfg.resume else None
+        if latest is not None:
+            self._resume(latest)
         else:
             torch.manual_seed(cfg.seed)  # dropout draws
         if cfg.logger == "tensorboard":
@@ -455,8 +456,12 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
 
+    def _checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (names are zero-padded step numbers)."""
+        return sorted(self.checkpoint_dir().glob("step-*"))
+
     def latest_checkpoint(self) -> Path | None:
-        done = sorted(self.checkpoint_dir().glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        done = self._checkpoints()
         return done[-1] if done else None
 
     def save_checkpoint(self) -> Path | None:
@@ -483,14 +488,12 @@ class Trainer:
                      "python_random": rng["python"], "history": self.history,
                      "config": dataclasses.asdict(self.cfg)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        for old in sorted(self.checkpoint_dir().glob("step-*"))[:-self.cfg.keep_checkpoints]:
+        for old in self._checkpoints()[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def _resume(self) -> None:
-        latest = self.latest_checkpoint()
-        if latest is None:
-            return
+    def _resume(self, latest: Path) -> None:
+        """Load the trainable weights, optimizer, RNG states and position saved in checkpoint ``latest``."""
         model = self.model
         state = json.loads((latest / "trainer_state.json").read_text())
         if state["total_steps"] != self.total_steps:

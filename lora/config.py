@@ -89,15 +89,17 @@ class LoraConfig:
         """A copy with some fields changed (the config itself is frozen)."""
         return dataclasses.replace(self, **changes)
 
-    def to_peft(self, target_paths: list[str], base_model_name_or_path: str | None = None) -> dict[str, Any]:
+    def to_peft(self, target_paths: list[str], base_model_name_or_path: str | None = None,
+                task_type: str | None = "CAUSAL_LM") -> dict[str, Any]:
         """PEFT's ``adapter_config.json`` content.
 
         ``target_modules`` is written as the exact list of wrapped module paths (what PEFT itself writes for
         ``"all-linear"``), so PEFT and vLLM re-create exactly our layers whatever ``exclude``/``layers`` said.
+        ``task_type`` picks PEFT's wrapper class (``"CAUSAL_LM"``, ``"SEQ_CLS"``, or None for a plain module).
         """
         return {
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
+            "task_type": task_type,
             "r": self.r,
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,

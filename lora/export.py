@@ -12,14 +12,13 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
-from .adapter_io import read_adapter
 from .atomic import atomic_dir, atomic_file
 from .merge import AdapterMerger
 from .models import EMBEDDED_MODELS, SOURCE_INFO, converted_folder, require_gguf
@@ -58,16 +57,28 @@ def _weight_files(folder: Path) -> list[str]:
     return [p.name for p in sorted(folder.glob("*.safetensors"))]
 
 
-def base_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The base model's tensors, one at a time, straight from its safetensors files."""
-    for file in _weight_files(folder):
-        with safe_open(str(folder / file), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+class BaseWeights(Mapping):
+    """A model folder's safetensors tensors by state-dict key, in file order, each read only when asked for."""
+
+    def __init__(self, folder: Path):
+        self._file_of: dict[str, Path] = {}
+        for file in _weight_files(folder):
+            with safe_open(str(folder / file), framework="pt") as f:
+                self._file_of.update(dict.fromkeys(f.keys(), folder / file))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        with safe_open(str(self._file_of[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)
 
 
 def _tensor_specs(folder: Path) -> list[tuple[str, str, list[int]]]:
-    """(name, safetensors dtype, shape) of every base tensor, in :func:`base_tensors` order, without loading any."""
+    """(name, safetensors dtype, shape) of every base tensor, in :class:`BaseWeights` order, without loading any."""
     specs = []
     for file in _weight_files(folder):
         with safe_open(str(folder / file), framework="pt") as f:
@@ -77,13 +88,15 @@ def _tensor_specs(folder: Path) -> list[tuple[str, str, list[int]]]:
     return specs
 
 
-def merged_tensors(folder: Path, adapter: str | os.PathLike | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Base tensors with the adapter merged in (or unchanged without one); checks the adapter was fully used."""
-    merger = AdapterMerger(adapter) if adapter else None
-    for name, tensor in base_tensors(folder):
-        yield name, merger.merged(name, tensor) if merger else tensor
-    if merger:
-        merger.check_all_used()
+def merged_tensors(folder: Path, adapter: str | os.PathLike | None,
+                   check_base: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Base tensors with the adapter merged in (or unchanged without one), one at a time.
+
+    The adapter is checked against the base (keys, shapes, fingerprint) here, before anything is merged or written.
+    """
+    base = BaseWeights(folder)
+    merger = AdapterMerger(adapter, base, check_base) if adapter else None
+    return ((name, merger.merged(name, base[name]) if merger else base[name]) for name in base)
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -122,7 +135,7 @@ def _write_safetensors_stream(path: Path, specs: list[tuple[str, str, list[int]]
 
 
 def export_merged(model: str | os.PathLike, adapter: str | os.PathLike | None, out: str | os.PathLike,
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, check_base: bool = True) -> Path:
     """Write a Hugging Face folder with the adapter merged into the base weights, streaming.
 
     Each base tensor is read, merged and written before the next is read, so memory stays near one tensor plus
@@ -135,9 +148,13 @@ def export_merged(model: str | os.PathLike, adapter: str | os.PathLike | None, o
         adapter: Adapter folder (ours or PEFT's); None copies the base.
         out: Output folder (replaced only once the new one is complete).
         max_shard_bytes: Largest shard.
+        check_base: Refuse an adapter whose recorded base-model fingerprint does not match this base.
 
     Returns:
         The output folder.
+
+    Raises:
+        ValueError: the base is not a usable folder, or the adapter does not belong to it (nothing is written).
     """
     folder, out = resolve_base_folder(model), Path(out)
     specs = _tensor_specs(folder)
@@ -150,13 +167,12 @@ def export_merged(model: str | os.PathLike, adapter: str | os.PathLike | None, o
             size = 0
         shards[-1].append(spec)
         size += nbytes
+    stream = merged_tensors(folder, adapter, check_base)
     with atomic_dir(out) as tmp:
-        stream = merged_tensors(folder, adapter)
         names = ["model.safetensors"] if len(shards) == 1 else \
             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
         for name, shard in zip(names, shards):
             _write_safetensors_stream(tmp / name, shard, stream)
-        next(stream, None)  # run the generator to its end: it checks that every adapter tensor was used
         if len(shards) > 1:
             total = sum(_nbytes(spec) for spec in specs)
             weight_map = {spec[0]: name for name, shard in zip(names, shards) for spec in shard}
@@ -300,7 +316,7 @@ def _write_gguf(writer) -> None:
 
 
 def export_gguf(model: str | os.PathLike, out: str | os.PathLike, adapter: str | os.PathLike | None = None,
-                dtype: str = "f16") -> Path:
+                dtype: str = "f16", check_base: bool = True) -> Path:
     """Write a GGUF file that llama.cpp, Ollama and transformers' GGUF loader read.
 
     Args:
@@ -309,6 +325,7 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, adapter: str |
         adapter: Adapter folder to merge in first (None: the base alone).
         dtype: ``"f32"``, ``"f16"`` or ``"q8_0"`` for matrices; norms and biases stay f32. A matrix whose rows
             are not a multiple of 32 falls back to f16 under q8_0 (the block size).
+        check_base: Refuse an adapter whose recorded base-model fingerprint does not match this base.
 
     Returns:
         The file written.
@@ -320,13 +337,14 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, adapter: str |
     config = _gguf_config(folder)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    tensors = merged_tensors(folder, adapter, check_base)
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), _GGUF_ARCHS[config.model_type])
         _add_header(writer, config, out.stem)
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_tokenizer(writer, folder, config, gguf)
-        for gguf_name, tensor in _gguf_tensors(config, merged_tensors(folder, adapter), gguf):
+        for gguf_name, tensor in _gguf_tensors(config, tensors, gguf):
             array = tensor.numpy()
             if array.ndim == 1 or dtype == "f32":
                 writer.add_tensor(gguf_name, array.astype(np.float32))
@@ -339,16 +357,19 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, adapter: str |
     return out
 
 
-def export_adapter_gguf(model: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_adapter_gguf(model: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike,
+                        check_base: bool = True) -> Path:
     """Write the adapter alone as a llama.cpp LoRA GGUF (Ollama's ``ADAPTER`` line, ``llama-cli --lora``).
 
     Raises:
-        ValueError: DoRA, trained biases or ``modules_to_save`` (llama.cpp adapters hold plain A/B pairs only).
+        ValueError: DoRA, trained biases or ``modules_to_save`` (llama.cpp adapters hold plain A/B pairs only), or
+            an adapter that does not belong to the base ``model`` it will be applied to.
     """
     gguf = require_gguf()
     folder, out = resolve_base_folder(model), Path(out)
     config = _gguf_config(folder, archs=("llama", "mistral"))  # Ollama's ADAPTER line serves the Llama family
-    cfg, _, tensors = read_adapter(adapter)
+    merger = AdapterMerger(adapter, BaseWeights(folder), check_base)  # checks it belongs to this base
+    cfg = merger.config
     unsupported = [what for what, bad in (("DoRA", cfg.dora), ("trained biases", cfg.bias != "none"),
                                           ("modules_to_save", bool(cfg.modules_to_save))) if bad]
     if unsupported:
@@ -361,13 +382,13 @@ def export_adapter_gguf(model: str | os.PathLike, adapter: str | os.PathLike, ou
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         # llama.cpp scales by alpha / rank; writing scale * r keeps rsLoRA's alpha / sqrt(r) exact too.
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(cfg.scale * cfg.r))
-        for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
-            stem = key[len("base_model.model."):-len(".lora_A.weight")]
-            gguf_name = names.get_name(stem + ".weight", try_suffixes=(".weight",))
+        for weight_name in sorted(merger.factors):
+            gguf_name = names.get_name(weight_name, try_suffixes=(".weight",))
             if gguf_name is None:
-                raise ValueError(f"adapter tensor {key!r} targets {stem!r}, which has no llama.cpp name")
-            A = tensors[key].float()  # (r, in)
-            B = tensors[key.replace(".lora_A.", ".lora_B.")].float()  # (out, r)
+                raise ValueError(f"the adapter targets {weight_name!r}, which has no llama.cpp name; merge it "
+                                 f"instead: lora export gguf --adapter {adapter}")
+            A = merger.factors[weight_name]["A"].float()  # (r, in)
+            B = merger.factors[weight_name]["B"].float()  # (out, r)
             if ".attn_q." in gguf_name:
                 B = permute_for_llama_cpp(B, config.num_attention_heads)
             elif ".attn_k." in gguf_name:
@@ -429,4 +450,4 @@ def write_modelfile(model: str | os.PathLike, gguf_path: str | os.PathLike, temp
 
 
 __all__ = ["export_merged", "export_gguf", "export_adapter_gguf", "write_modelfile", "ollama_modelfile",
-           "resolve_base_folder", "base_tensors", "merged_tensors", "permute_for_llama_cpp", "GGUF_DTYPES"]
+           "resolve_base_folder", "BaseWeights", "merged_tensors", "permute_for_llama_cpp", "GGUF_DTYPES"]

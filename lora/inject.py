@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .layers import LoRALinear, is_linear_like
+from .layers import LoRALinear, SavedModule, is_linear_like
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -35,6 +35,24 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for path, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield path, module
+
+
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear | SavedModule]]:
+    """Every module that holds adapters (``LoRALinear`` and ``SavedModule``) with its path."""
+    for path, module in model.named_modules():
+        if isinstance(module, (LoRALinear, SavedModule)):
+            yield path, module
+
+
+def _outside_wrappers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` without the insides of adapter wrappers (their base layers, A/B, trained copies)."""
+    inside: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, (LoRALinear, SavedModule)):
+            inside.append(path + ".")
+        yield path, module
 
 
 def _matches_suffix(path: str, suffix: str) -> bool:
@@ -69,14 +87,11 @@ def _out_features(module: nn.Module) -> int:
 
 
 def _linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every Linear/Conv1D (or an existing LoRA wrapper, not its inner base layer)."""
-    found = []
-    for path, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            found.append((path, module))
-        elif is_linear_like(module) and not path.endswith(".base_layer"):
-            found.append((path, module))
-    return found
+    """Every Linear/Conv1D of the model itself, or the LoRA wrapper standing in its place.
+
+    The insides of wrappers are not the model's layers: a second adapter must not wrap the first one's A and B.
+    """
+    return [(path, m) for path, m in _outside_wrappers(model) if isinstance(m, LoRALinear) or is_linear_like(m)]
 
 
 def match_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
@@ -109,26 +124,28 @@ def match_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
     return chosen
 
 
-def _check_not_tied(model: nn.Module, paths: list[str]) -> None:
-    """Refuse to wrap a layer whose weight is shared with another module (e.g. a head tied to the embedding).
+def _shared_with(model: nn.Module, path: str) -> list[str]:
+    """Parameters outside module ``path`` that are the very tensors of parameters inside it (tied weights)."""
+    inside = {id(p) for p in model.get_submodule(path).parameters()}
+    return [name for name, p in model.named_parameters(remove_duplicate=False)
+            if id(p) in inside and not name.startswith(path + ".")]
 
-    Merging such an adapter would silently change the other module too (the input embedding, for a tied head).
+
+def _check_not_tied(model: nn.Module, paths: list[str], role: str) -> None:
+    """Refuse to adapt a module whose weights are shared with another module (e.g. a head tied to the embedding).
+
+    A LoRA target merged into such a weight would change the other module too; a trained copy of it
+    (``modules_to_save``) would silently stop being tied, and exporting would then keep only one of the two.
     """
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        w = getattr(module, "weight", None)
-        if isinstance(w, nn.Parameter):
-            owners.setdefault(id(w), []).append(name)
     for path in paths:
-        module = model.get_submodule(path)
-        base = module.base_layer if isinstance(module, LoRALinear) else module
-        sharing = [n for n in owners.get(id(base.weight), []) if n != path and n != path + ".base_layer"]
+        sharing = _shared_with(model, path)
         if sharing:
+            owner = sharing[0].rsplit(".", 1)[0]
             raise ValueError(
-                f"'{path}' shares its weight with {sharing} (tied weights, e.g. an output head tied to the input "
-                f"embedding): merging an adapter into it would change {sharing[0]} too. Leave it out of targets, "
-                f"or untie it first: model.{path}.weight = torch.nn.Parameter(model.{path}.weight.detach().clone()) "
-                f"and set model.config.tie_word_embeddings = False")
+                f"'{path}' ({role}) shares its weight with '{owner}' (tied weights, e.g. an output head tied to the "
+                f"input embedding), so adapting it would change or silently untie '{owner}'. Leave it out, or untie "
+                f"it first: model.{path}.weight = torch.nn.Parameter(model.{path}.weight.detach().clone()) and set "
+                f"model.config.tie_word_embeddings = False")
 
 
 def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default") -> list[str]:
@@ -156,28 +173,38 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default") -> list[
         raise ValueError(f"adapter {adapter!r} is already injected into this model; pick another name, e.g. "
                          f"adapter='{adapter}2'")
     paths = match_targets(model, cfg)
-    _check_not_tied(model, paths)
+    _check_not_tied(model, paths, "a LoRA target")
     saved = _match_modules_to_save(model, cfg.modules_to_save, paths)
+    _check_not_tied(model, saved, "in modules_to_save")
 
     for path in paths:
-        module = model.get_submodule(path)
-        if not isinstance(module, LoRALinear):
-            parent_path, _, child = path.rpartition(".")
-            parent = model.get_submodule(parent_path) if parent_path else model
-            module = LoRALinear(module)
-            setattr(parent, child, module)
-        module.add_adapter(adapter, cfg)
+        _wrapped(model, path, LoRALinear).add_adapter(adapter, cfg)
+    for path in saved:
+        _wrapped(model, path, SavedModule).add_adapter(adapter)
     registry[adapter] = AdapterInfo(cfg, tuple(paths), tuple(saved))
     set_active(model, adapter)
     _set_trainable(model, adapter)
     return paths
 
 
+def _wrapped(model: nn.Module, path: str, wrapper: type[LoRALinear] | type[SavedModule]):
+    """The ``wrapper`` at ``path``, putting one around the module there first if it has none yet."""
+    module = model.get_submodule(path)
+    if not isinstance(module, wrapper):
+        module = wrapper(module)
+        _replace(model, path, module)
+    return module
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+
+
 def _match_modules_to_save(model: nn.Module, names: tuple[str, ...], lora_paths: list[str]) -> list[str]:
     found = []
     for name in names:
-        hits = [p for p, _ in model.named_modules() if p and _matches_suffix(p, name)
-                and not p.endswith(".base_layer")]
+        hits = [p for p, _ in _outside_wrappers(model) if p and _matches_suffix(p, name)]
         if not hits:
             raise ValueError(f"modules_to_save entry {name!r} matched no module; top-level modules are "
                              f"{[n for n, _ in model.named_children()]}")
@@ -207,7 +234,7 @@ def _set_trainable(model: nn.Module, adapter: str) -> None:
             if name == "bias" or name.endswith(".bias"):
                 p.requires_grad_(True)
     for path in info.saved_module_paths:
-        for p in model.get_submodule(path).parameters():
+        for p in model.get_submodule(path).modules_to_save[adapter].parameters():
             p.requires_grad_(True)
 
 
@@ -237,35 +264,64 @@ def set_active(model: nn.Module, names: str | list[str] | tuple[str, ...]) -> No
         if layer.merged_adapters and set(layer.merged_adapters) - set(names):
             raise ValueError("an adapter that would be switched off is merged into the base weights; call "
                              "lora.unmerge(model) first")
-        layer.set_active(names)
+    for _, module in adapter_modules(model):
+        module.set_active(names)
 
 
 def remove_adapter(model: nn.Module, adapter: str) -> None:
-    """Delete adapter ``adapter``; wrappers left with no adapter are replaced by their plain base layer again."""
+    """Delete adapter ``adapter``; wrappers left with no adapter are replaced by the module they wrap again."""
     registry = adapters_of(model)
     if adapter not in registry:
         raise ValueError(f"no adapter {adapter!r} in this model; it has {sorted(registry)}")
-    for path, layer in list(lora_layers(model)):
-        if adapter not in layer.lora_A:
-            continue
+    for path, layer in lora_layers(model):
         if adapter in layer.merged_adapters:
             raise ValueError(f"adapter {adapter!r} is merged into the base weights; call lora.unmerge(model) first")
-        del layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
-        if adapter in layer.lora_magnitude_vector:
-            del layer.lora_magnitude_vector[adapter]
-        layer.scaling.pop(adapter)
-        layer.set_active(tuple(n for n in layer.active_adapters if n != adapter))
-        if not layer.adapters:
-            parent_path, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, child, layer.base_layer)
+    for path, module in list(adapter_modules(model)):
+        if adapter not in module.adapters:
+            continue
+        if isinstance(module, LoRALinear):
+            del module.lora_A[adapter], module.lora_B[adapter], module.lora_dropout[adapter]
+            if adapter in module.lora_magnitude_vector:
+                del module.lora_magnitude_vector[adapter]
+            module.scaling.pop(adapter)
+            inner = module.base_layer
+        else:
+            del module.modules_to_save[adapter]
+            inner = module.original_module
+        module.set_active(tuple(n for n in module.active_adapters if n != adapter))
+        if not module.adapters:
+            _replace(model, path, inner)
     del registry[adapter]
+
+
+@contextlib.contextmanager
+def unchanged_on_error(model: nn.Module) -> Iterator[None]:
+    """Run a block that may add adapters; if it raises, leave the model exactly as it was before it.
+
+    Adapters added inside the block are removed again, and every module's active adapters and every parameter's
+    ``requires_grad`` are restored (removing an adapter alone would leave the earlier adapters switched off).
+    """
+    before = set(adapters_of(model))
+    active = {id(m): m.active_adapters for _, m in adapter_modules(model)}
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for name in set(adapters_of(model)) - before:
+            remove_adapter(model, name)
+        for _, module in adapter_modules(model):
+            if id(module) in active:
+                module.active_adapters = active[id(module)]
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
+        raise
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: every adapter is bypassed (merged ones are unmerged, then merged back on exit)."""
-    layers = [layer for _, layer in lora_layers(model)]
-    remerge = [layer for layer in layers if layer.merged_adapters]
+    layers = [module for _, module in adapter_modules(model)]
+    remerge = [layer for layer in layers if isinstance(layer, LoRALinear) and layer.merged_adapters]
     for layer in remerge:
         layer.unmerge()
     for layer in layers:
@@ -287,5 +343,5 @@ def parameter_count(model: nn.Module) -> dict[str, float]:
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
 
 
-__all__ = ["inject", "remove_adapter", "disabled", "set_active", "set_trainable", "parameter_count", "adapters_of", "lora_layers",
-           "match_targets", "AdapterInfo"]
+__all__ = ["inject", "remove_adapter", "disabled", "set_active", "set_trainable", "parameter_count", "adapters_of",
+           "lora_layers", "adapter_modules", "unchanged_on_error", "match_targets", "AdapterInfo"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -19,6 +20,32 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+# -- the weight math: the one place every path (live layers, the state-dict merge, export) computes it ----------------
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * B @ A`` in fp32, ``out x in``, from ``A`` (``r x in``) and ``B`` (``out x r``)."""
+    return (B.float() @ A.float()) * scale
+
+
+def merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                  magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """The merged weight in fp32, ``out x in``: ``W + scale B A``, or with DoRA's magnitude ``m``
+    ``m / ||W + scale B A||_row * (W + scale B A)`` (Liu et al. 2024, eq. 5)."""
+    combined = W.float() + lora_delta(A, B, scale)
+    if magnitude is None:
+        return combined
+    return magnitude.float().unsqueeze(1) / combined.norm(dim=1, keepdim=True) * combined
+
+
+def unmerged_weight(merged: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                    magnitude: torch.Tensor | None = None, merge_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`merged_weight` in fp32. DoRA needs ``merge_norm``, the row norms of ``W + scale B A`` at
+    merge time (the merged weight alone no longer holds them)."""
+    W = merged.float()
+    if magnitude is not None:
+        W = W * (merge_norm / magnitude.float()).unsqueeze(1)  # undo m / ||W + dW||
+    return W - lora_delta(A, B, scale)
 
 
 class LoRALinear(nn.Module):
@@ -85,9 +112,17 @@ class LoRALinear(nn.Module):
         w = self.base_layer.weight
         return w.T if self.fan_in_fan_out else w
 
-    def _lora_weight(self, name: str) -> torch.Tensor:
-        """``scale * B @ A`` in fp32, ``out x in``."""
-        return (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+        """``(A, B, scale, DoRA magnitude or None)`` of adapter ``name``: the arguments of the weight math."""
+        return (self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                self.lora_magnitude_vector[name] if name in self.lora_magnitude_vector else None)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight without any merged adapter, ``out x in``, in fp32 (the layer is left as it is)."""
+        W = self._base_weight_view().float()
+        for name in reversed(self.merged_adapters):
+            W = unmerged_weight(W, *self._factors(name), merge_norm=self._dora_merge_norms.get(name))
+        return W
 
     def delta_weight(self, name: str, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """What adapter ``name`` adds to the base weight, ``out x in``, in fp32.
@@ -95,13 +130,16 @@ class LoRALinear(nn.Module):
         Plain LoRA: ``scale * B @ A``. DoRA: ``m / ||W + scale B A||_row * (W + scale B A) - W`` for the given
         (default: current) base weight ``W``.
         """
-        delta = self._lora_weight(name)  # (out, in)
-        if name in self.lora_magnitude_vector:
-            W = (self._base_weight_view() if base_weight is None else base_weight).float()
-            combined = W + delta
-            norm = combined.norm(dim=1, keepdim=True)  # (out, 1)
-            delta = self.lora_magnitude_vector[name].float().unsqueeze(1) / norm * combined - W
-        return delta
+        A, B, scale, magnitude = self._factors(name)
+        if magnitude is None:
+            return lora_delta(A, B, scale)
+        W = (self._base_weight_view() if base_weight is None else base_weight).float()
+        return merged_weight(W, A, B, scale, magnitude) - W
+
+    def _write_base(self, W: torch.Tensor) -> None:
+        """Store an ``out x in`` fp32 weight into the base layer, in its layout and dtype (one cast)."""
+        weight = self.base_layer.weight
+        weight.copy_((W.T if self.fan_in_fan_out else W).to(weight.dtype))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -109,12 +147,11 @@ class LoRALinear(nn.Module):
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            weight = self.base_layer.weight
             W = self._base_weight_view().float()
-            if name in self.lora_magnitude_vector:
-                self._dora_merge_norms[name] = (W + self._lora_weight(name)).norm(dim=1)  # (out,)
-            merged = W + self.delta_weight(name, W)
-            weight.copy_((merged.T if self.fan_in_fan_out else merged).to(weight.dtype))
+            A, B, scale, magnitude = self._factors(name)
+            if magnitude is not None:
+                self._dora_merge_norms[name] = (W + lora_delta(A, B, scale)).norm(dim=1)  # (out,)
+            self._write_base(merged_weight(W, A, B, scale, magnitude))
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -122,13 +159,9 @@ class LoRALinear(nn.Module):
         """Subtract merged adapters again, last merged first. Idempotent."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight = self.base_layer.weight
             W = self._base_weight_view().float()
-            if name in self.lora_magnitude_vector:
-                norm = self._dora_merge_norms.pop(name)
-                W = W * (norm / self.lora_magnitude_vector[name].float()).unsqueeze(1)  # undo m / ||W + dW||
-            restored = W - self._lora_weight(name)
-            weight.copy_((restored.T if self.fan_in_fan_out else restored).to(weight.dtype))
+            merge_norm = self._dora_merge_norms.pop(name, None)
+            self._write_base(unmerged_weight(W, *self._factors(name), merge_norm=merge_norm))
 
     # -- forward ----------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,4 +204,55 @@ class LoRALinear(nn.Module):
                 f"active={list(self.active_adapters)}, merged={self.merged_adapters}")
 
 
-__all__ = ["LoRALinear", "is_conv1d", "is_linear_like"]
+class SavedModule(nn.Module):
+    """A module trained in full (``modules_to_save``, e.g. a classifier head), one trained copy per adapter.
+
+    The original stays frozen as ``original_module``; adapter ``name`` trains ``modules_to_save[name]`` (PEFT's
+    names). The forward runs the active adapter's copy, or the original when adapters are disabled or none with a
+    copy is active, so ``lora.disabled`` gives the base model's module and two adapters never share a head.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: tuple[str, ...] = ()
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        """Add adapter ``name`` with a copy of the original: at first it computes exactly what the original does."""
+        if name in self.modules_to_save:
+            raise ValueError(f"adapter {name!r} already exists on this module")
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        self.active_adapters = self.active_adapters + (name,)
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        active = tuple(n for n in names if n in self.modules_to_save)
+        if len(active) > 1:
+            raise ValueError(f"adapters {list(active)} each train their own copy of a saved module "
+                             f"(modules_to_save); only one of them can be active at a time")
+        self.active_adapters = active
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(self.modules_to_save.keys())
+
+    def current(self) -> nn.Module:
+        """The module the forward runs: the active adapter's copy, else the original."""
+        if self.disabled or not self.active_adapters:
+            return self.original_module
+        return self.modules_to_save[self.active_adapters[0]]
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Model code reads attributes of the wrapped module (a head's .weight, an embedding's .num_embeddings).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.current(), name)
+
+
+__all__ = ["LoRALinear", "SavedModule", "is_conv1d", "is_linear_like", "lora_delta", "merged_weight",
+           "unmerged_weight"]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import lora
+from lora.inject import adapters_of
 from lora.layers import LoRALinear
 from conftest import make_gpt2, make_llama, randomize_adapters
 from tiny_gpt import TinyGPT
@@ -57,7 +58,7 @@ def test_nothing_matched_lists_what_could_be_targeted(llama):
 def test_tied_head_is_refused_with_an_explanation():
     model = make_llama(tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    with pytest.raises(ValueError, match=r"'lm_head' shares its weight with \['model.embed_tokens'\].*untie"):
+    with pytest.raises(ValueError, match=r"'lm_head' \(a LoRA target\) shares its weight with 'model.embed_tokens'.*untie"):
         lora.inject(model, lora.LoraConfig(targets=["lm_head"]))
 
 
@@ -74,8 +75,10 @@ def test_only_adapter_parameters_train(llama):
 def test_modules_to_save_and_bias_modes_train_in_full(gpt2):
     lora.inject(gpt2, lora.LoraConfig(targets=["c_attn"], bias="lora_only", modules_to_save=["ln_f"]))
     trainable = {n for n, p in gpt2.named_parameters() if p.requires_grad}
-    assert {"transformer.ln_f.weight", "transformer.ln_f.bias", "transformer.h.0.attn.c_attn.base_layer.bias"} \
-        <= trainable
+    # the saved module trains a copy of its own (PEFT's modules_to_save.<adapter>); the original stays frozen
+    assert {"transformer.ln_f.modules_to_save.default.weight", "transformer.ln_f.modules_to_save.default.bias",
+            "transformer.h.0.attn.c_attn.base_layer.bias"} <= trainable
+    assert "transformer.ln_f.original_module.weight" not in trainable
     assert "transformer.h.0.mlp.c_fc.bias" not in trainable
     model = make_gpt2()
     lora.inject(model, lora.LoraConfig(targets=["c_attn"], bias="all"))
@@ -162,3 +165,96 @@ def test_config_round_trips_through_peft_json():
         lora.LoraConfig.from_peft({"peft_type": "IA3", "r": 1, "target_modules": []})
     with pytest.raises(ValueError, match="rank_pattern"):
         lora.LoraConfig.from_peft({"r": 1, "target_modules": ["q"], "rank_pattern": {"q": 2}})
+
+
+def one_layer_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1)).eval()
+
+
+def test_a_second_adapter_wraps_the_model_layers_not_the_first_adapters_insides(tokens):
+    # issue 9: with all-linear, adapter "b" also wrapped a's lora_A/lora_B (7 targets for a, 21 for b)
+    model = one_layer_llama()
+    a = lora.inject(model, lora.LoraConfig(r=2), adapter="a")
+    b = lora.inject(model, lora.LoraConfig(r=2), adapter="b")
+    assert len(a) == 7 and b == a
+    randomize_adapters(model)
+    lora.set_active(model, ["a", "b"])
+    expected = model(tokens).logits
+    lora.merge(model)  # failed when b's wrappers sat inside a's
+    torch.testing.assert_close(model(tokens).logits, expected, atol=1e-5, rtol=0)
+    lora.unmerge(model)
+
+
+def test_saved_modules_are_a_trained_copy_per_adapter(tokens):
+    # issue 9: modules_to_save trained the base module in place, shared by every adapter and by disabled()
+    model = make_llama()
+    base_head = model.lm_head.weight.detach().clone()
+    base_logits = model(tokens).logits
+    lora.inject(model, lora.LoraConfig(r=2, targets=["q_proj"], modules_to_save=["lm_head"]), adapter="a")
+    with torch.no_grad():
+        model.lm_head.modules_to_save["a"].weight.add_(0.5)  # what training the head does
+    with_a = model(tokens).logits
+    assert not torch.allclose(with_a, base_logits)
+    with lora.disabled(model):
+        assert torch.equal(model(tokens).logits, base_logits)  # the base model's own head
+
+    lora.inject(model, lora.LoraConfig(r=2, targets=["q_proj"], modules_to_save=["lm_head"]), adapter="b")
+    assert torch.equal(model.lm_head.modules_to_save["b"].weight, base_head)  # b starts from the base, not a
+    assert torch.equal(model(tokens).logits, base_logits)  # fresh b: the base output
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "lm_head.modules_to_save.b.weight" in trainable and "lm_head.modules_to_save.a.weight" not in trainable
+    lora.set_active(model, "a")
+    assert torch.equal(model(tokens).logits, with_a)
+    with pytest.raises(ValueError, match="only one of them can be active"):
+        lora.set_active(model, ["a", "b"])
+
+    lora.remove_adapter(model, "a")
+    lora.remove_adapter(model, "b")
+    assert isinstance(model.lm_head, torch.nn.Linear) and torch.equal(model.lm_head.weight, base_head)
+
+
+def test_merge_and_unload_keeps_the_active_adapters_trained_module(tokens):
+    model = make_llama()
+    keys = set(model.state_dict())
+    lora.inject(model, lora.LoraConfig(r=2, targets=["q_proj"], modules_to_save=["lm_head"]))
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.lm_head.modules_to_save["default"].weight.add_(0.5)
+    expected = model(tokens).logits
+    plain = lora.merge_and_unload(model)
+    assert set(plain.state_dict()) == keys
+    torch.testing.assert_close(plain(tokens).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_a_tied_module_in_modules_to_save_is_refused():
+    # issue 9: training a tied head trained the input embedding too
+    model = make_llama(tie=True)
+    with pytest.raises(ValueError, match=r"'lm_head' \(in modules_to_save\) shares its weight with "
+                                         r"'model.embed_tokens'.*untie it first"):
+        lora.inject(model, lora.LoraConfig(r=2, targets=["q_proj"], modules_to_save=["lm_head"]))
+    assert not any("lora_" in n or "modules_to_save" in n for n in model.state_dict())  # nothing was injected
+
+
+def test_a_failed_load_under_a_new_name_leaves_the_model_exactly_as_it_was(tmp_path, tokens):
+    # issue 9: a failed load_adapter(adapter="b") switched the active adapter "a" off
+    other = make_llama(seed=3)
+    lora.inject(other, lora.LoraConfig(r=2, targets=["q_proj", "v_proj"]))
+    randomize_adapters(other)
+    lora.save_adapter(other, tmp_path / "other")  # trained on another base: refused by the fingerprint
+
+    model = make_llama()
+    lora.inject(model, lora.LoraConfig(r=2, targets=["q_proj", "k_proj"]), adapter="a")
+    randomize_adapters(model)
+    logits = model(tokens).logits
+    modules = {n: type(m) for n, m in model.named_modules()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="different base model"):
+        lora.load_adapter(model, tmp_path / "other", adapter="b")
+    assert torch.equal(model(tokens).logits, logits)
+    assert {n: type(m) for n, m in model.named_modules()} == modules
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert set(adapters_of(model)) == {"a"}

@@ -1,5 +1,6 @@
 """Adapters move both ways between this library and PEFT with the same logits."""
 
+import json
 import warnings
 
 import peft
@@ -72,3 +73,39 @@ def test_rslora_scale_agrees_with_peft():
     lora.inject(ours, lora.LoraConfig(r=9, alpha=6, rslora=True, targets=["q_proj"]))
     their_scale = theirs.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
     assert ours.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(their_scale) == 2.0
+
+
+def make_llama_classifier():
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = make_llama().config
+    config.num_labels, config.pad_token_id = 3, 0
+    return LlamaForSequenceClassification(config).eval()
+
+
+def test_classification_adapter_loads_in_peft_as_a_classifier(tmp_path, tokens):
+    # issue 9: the task type decides PEFT's wrapper; CAUSAL_LM on a classifier built the wrong one
+    model = make_llama_classifier()
+    lora.inject(model, lora.LoraConfig(r=4, alpha=8, modules_to_save=["score"]))
+    randomize_adapters(model)
+    perturb_saved_modules(model)
+    expected = model(tokens).logits  # (B, num_labels)
+    lora.save_adapter(model, tmp_path / "ad")
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(make_llama_classifier(), tmp_path / "ad").eval()
+    assert isinstance(theirs, peft.PeftModelForSequenceClassification)
+    torch.testing.assert_close(theirs(tokens).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_task_type_of_causal_and_plain_models(tmp_path):
+    from tiny_gpt import TinyGPT
+
+    for model, task in ((make_llama(), "CAUSAL_LM"), (make_gpt2(), "CAUSAL_LM"), (TinyGPT(), None)):
+        lora.inject(model, lora.LoraConfig(r=2))
+        lora.save_adapter(model, tmp_path / "ad")
+        assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["task_type"] == task

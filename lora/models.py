@@ -89,19 +89,30 @@ def _gguf_pre(path: Path) -> str:
 
 
 def converted_folder(name: str) -> Path:
-    """Dequantize an embedded GGUF into a cached safetensors folder (atomically), so later loads take seconds."""
+    """Dequantize an embedded GGUF into a cached safetensors folder (atomically), so later loads take seconds.
+
+    Several processes starting at once on a fresh machine (``accelerate launch``, ``torchrun``) convert it once: a
+    file lock beside the folder lets the first convert while the others wait, then find the folder complete.
+    Without it, one process's atomic rename could replace the folder while another reads it.
+    """
+    from filelock import FileLock
+
     target = cache_dir() / "models" / name
     if (target / SOURCE_INFO).is_file():  # written last: its presence means the folder is complete and current
         return target
     gguf_path = embedded_gguf(name)
     require_gguf()
-    model, tokenizer = _load_hf(gguf_path.parent, gguf_path.name, torch.float32)
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        # GGUF export needs llama.cpp's pre-tokenizer name, which only the original GGUF knows.
-        (tmp / SOURCE_INFO).write_text(json.dumps({"gguf": gguf_path.name,
-                                                   "tokenizer.ggml.pre": _gguf_pre(gguf_path)}) + "\n")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{name}.lock")):
+        if (target / SOURCE_INFO).is_file():  # another process converted it while this one waited
+            return target
+        model, tokenizer = _load_hf(gguf_path.parent, gguf_path.name, torch.float32)
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            # GGUF export needs llama.cpp's pre-tokenizer name, which only the original GGUF knows.
+            (tmp / SOURCE_INFO).write_text(json.dumps({"gguf": gguf_path.name,
+                                                       "tokenizer.ggml.pre": _gguf_pre(gguf_path)}) + "\n")
     return target
 
 

@@ -1,5 +1,9 @@
 """load_model: the embedded SmolLM2 (converted once, then cached), HF folders, .gguf files, and the errors."""
 
+import os
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -63,3 +67,48 @@ def test_missing_package_gives_the_install_command(monkeypatch, tmp_path):
         lora.load_model("smollm2-135m")
     with pytest.raises(ValueError, match="pip install gguf"):
         lora.models.require_gguf()
+
+
+CONVERT = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    import lora.models as models
+    models.EMBEDDED_MODELS["tiny"] = ("tinypkg", "tiny.gguf", "tinypkg")
+    load = models._load_hf
+
+    def counted(*args, **kwargs):  # the conversion's first step; slowed so that racing processes overlap
+        with open({count!r}, "a") as f:
+            f.write(f"{{os.getpid()}}\\n")
+        time.sleep(1.0)
+        return load(*args, **kwargs)
+
+    models._load_hf = counted
+    while not os.path.exists({go!r}):
+        time.sleep(0.01)
+    folder = models.converted_folder("tiny")
+    print(sorted(p.name for p in folder.iterdir()))
+""")
+
+
+def test_processes_starting_together_convert_the_embedded_model_once(tmp_path):
+    # issue 11: on a fresh machine every process converted into the same cache folder at once
+    from lora.export import export_gguf
+    from conftest import make_bpe_tokenizer
+
+    tok = make_bpe_tokenizer()
+    make_llama_for(tok).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    (tmp_path / "pkg" / "tinypkg").mkdir(parents=True)
+    (tmp_path / "pkg" / "tinypkg" / "__init__.py").write_text("")
+    export_gguf(tmp_path / "base", tmp_path / "pkg" / "tinypkg" / "tiny.gguf", dtype="f32")
+    script = CONVERT.format(root=str(tmp_path / "pkg"), count=str(tmp_path / "count"), go=str(tmp_path / "go"))
+    env = {**os.environ, "LORA_CACHE_DIR": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    time.sleep(0.5)
+    (tmp_path / "go").touch()
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    assert len((tmp_path / "count").read_text().split()) == 1  # one conversion, the others waited for it
+    assert len({out for out, _ in outputs}) == 1 and "model.safetensors" in outputs[0][0]
+    assert not [p for p in (tmp_path / "cache" / "models").iterdir() if "tmp" in p.name or "old" in p.name]

@@ -1,9 +1,11 @@
 """LoRA fine-tuning for GPT-style language models: inject, train, save PEFT-compatible adapters, merge, export."""
 
 from .adapter_io import adapter_state_dict, load_adapter, save_adapter
+from .combine import combine_adapters
 from .config import LoraConfig
+from .dpo import dpo_loss
 from .generate import generate
-from .inject import disabled, inject, parameter_count, remove_adapter, set_active
+from .inject import disabled, inject, parameter_count, remove_adapter, row_adapters, set_active
 from .layers import LoRALinear
 from .merge import merge, merge_and_unload, merge_state_dict, unmerge
 from .models import load_model
@@ -18,6 +20,9 @@ __all__ = [
     "remove_adapter",
     "disabled",
     "set_active",
+    "row_adapters",
+    "combine_adapters",
+    "dpo_loss",
     "parameter_count",
     "save_adapter",
     "load_adapter",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .inject import row_adapters
+
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set to -inf every logit outside the top ``top_k`` and outside the nucleus of mass ``top_p``.
@@ -60,7 +62,8 @@ def _encode(tokenizer, prompts: list[str], chat: bool, device) -> tuple[torch.Te
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str | list[str] | torch.Tensor, max_new_tokens: int = 64,
              temperature: float = 0.7, top_k: int = 50, top_p: float = 0.95, seed: int | None = None,
-             chat: bool | None = None, eos_token_id: int | None = None) -> str | list[str] | torch.Tensor:
+             chat: bool | None = None, eos_token_id: int | None = None,
+             adapter_names: list[str | None] | None = None) -> str | list[str] | torch.Tensor:
     """Continue one prompt or a batch of prompts.
 
     Args:
@@ -75,11 +78,21 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str] | torch.Tensor
         seed: Seed for a private generator, so results repeat without touching the global RNG.
         chat: Wrap string prompts in the tokenizer's chat template as a user turn (default: when it has one).
         eos_token_id: Stop token (default: the tokenizer's EOS). A finished row is padded with it.
+        adapter_names: One adapter name per prompt (None: the base model), all answered in one batch as if each
+            ran alone with its adapter active (see :func:`lora.row_adapters`).
 
     Returns:
         The generated text (a string, or a list for a list of prompts), without the prompt; for a tensor prompt,
         the ``(B, T + n)`` token ids, prompt included.
     """
+    if adapter_names is not None:
+        rows = 1 if isinstance(prompt, str) else len(prompt)
+        if len(adapter_names) != rows:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for {rows} prompts; give one adapter "
+                             f"name (or None for the base model) per prompt")
+        with row_adapters(model, adapter_names):
+            return generate(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat,
+                            eos_token_id)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:

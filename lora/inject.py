@@ -335,6 +335,40 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.merge()
 
 
+@contextlib.contextmanager
+def row_adapters(model: nn.Module, names: list[str | None] | tuple[str | None, ...]) -> Iterator[nn.Module]:
+    """Run each batch row with its own adapter: ``names[i]`` for row ``i``, None for the base model.
+
+    Inside the block, a forward pass over a batch of ``len(names)`` rows gives every row what it would get alone
+    with its adapter active: one base pass for the whole batch, plus one low-rank pass per adapter over its rows
+    (and its own ``modules_to_save`` copies). Serving many adapters from one batch, as in S-LoRA / vLLM.
+
+    Raises:
+        ValueError: an unknown adapter name, a DoRA adapter (its update depends on the whole weight), or merged
+            adapters (unmerge first).
+    """
+    names = tuple(names)
+    known = adapters_of(model)
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown} in row_adapters; this model has {sorted(known)} (None "
+                         f"means the base model)")
+    dora = sorted({n for n in names if n is not None and known[n].config.dora})
+    if dora:
+        raise ValueError(f"adapter(s) {dora} use DoRA, which row_adapters cannot mix per row; run them in batches "
+                         f"of their own with lora.set_active")
+    if any(layer.merged_adapters for _, layer in lora_layers(model)):
+        raise ValueError("adapters are merged into the base weights; call lora.unmerge(model) before row_adapters")
+    modules = [module for _, module in adapter_modules(model)]
+    for module in modules:
+        module.row_adapters = names
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.row_adapters = None
+
+
 def parameter_count(model: nn.Module) -> dict[str, float]:
     """Trainable and total parameters (tied weights counted once) and the trainable percentage."""
     params = {id(p): p for p in model.parameters()}.values()
@@ -344,4 +378,4 @@ def parameter_count(model: nn.Module) -> dict[str, float]:
 
 
 __all__ = ["inject", "remove_adapter", "disabled", "set_active", "set_trainable", "parameter_count", "adapters_of",
-           "lora_layers", "adapter_modules", "unchanged_on_error", "match_targets", "AdapterInfo"]
+           "lora_layers", "adapter_modules", "unchanged_on_error", "row_adapters", "match_targets", "AdapterInfo"]

@@ -73,6 +73,7 @@ class LoRALinear(nn.Module):
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.row_adapters: tuple[str | None, ...] | None = None  # one adapter (or None) per batch row: row_adapters()
         # DoRA's merged weight is m / ||W + dW|| * (W + dW); unmerging needs that norm as it was at merge time.
         self._dora_merge_norms: dict[str, torch.Tensor] = {}
 
@@ -168,6 +169,8 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)  # (..., out)
         if self.disabled:
             return result
+        if self.row_adapters is not None:
+            return self._add_row_updates(x, result)
         base_result = result
         for name in self.active_adapters:
             if name in self.merged_adapters:
@@ -181,6 +184,21 @@ class LoRALinear(nn.Module):
                 result = result + self._dora_extra(name, x_lora, base_result, lora_out, isinstance(dropout, nn.Identity))
             else:
                 result = result + (lora_out * self.scaling[name]).to(result.dtype)
+        return result
+
+    def _add_row_updates(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Each batch row gets the update of its own adapter (``row_adapters[i]``; None or an adapter that does not
+        wrap this layer: the base alone). One A/B pass per adapter over its rows, not one per row."""
+        names = self.row_adapters
+        if len(names) != x.shape[0]:
+            raise ValueError(f"row_adapters names {len(names)} adapters for a batch of {x.shape[0]} rows; give one "
+                             f"name (or None for the base model) per row")
+        for name in dict.fromkeys(n for n in names if n in self.lora_A):
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            A, B = self.lora_A[name], self.lora_B[name]
+            x_rows = self.lora_dropout[name](x.index_select(0, rows))  # (rows, T, in)
+            update = B(A(x_rows.to(A.weight.dtype))) * self.scaling[name]  # (rows, T, out)
+            result = result.index_add(0, rows, update.to(result.dtype))
         return result
 
     def _dora_extra(self, name: str, x_lora: torch.Tensor, base_result: torch.Tensor, lora_out: torch.Tensor,
@@ -218,6 +236,7 @@ class SavedModule(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: tuple[str, ...] = ()
         self.disabled = False
+        self.row_adapters: tuple[str | None, ...] | None = None  # one adapter (or None) per batch row: row_adapters()
 
     def add_adapter(self, name: str) -> None:
         """Add adapter ``name`` with a copy of the original: at first it computes exactly what the original does."""
@@ -244,7 +263,26 @@ class SavedModule(nn.Module):
         return self.modules_to_save[self.active_adapters[0]]
 
     def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+        if self.row_adapters is None or self.disabled:
+            return self.current()(*args, **kwargs)
+        # Per-row adapters: each group of rows runs its adapter's copy (or the original) on its slice of the batch.
+        x, rest = args[0], args[1:]
+        names = self.row_adapters
+        if len(names) != x.shape[0]:
+            raise ValueError(f"row_adapters names {len(names)} adapters for a batch of {x.shape[0]} rows; give one "
+                             f"name (or None for the base model) per row")
+        groups: dict[str | None, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name if name in self.modules_to_save else None, []).append(i)
+        result = None
+        for name, indices in groups.items():
+            rows = torch.tensor(indices, device=x.device)
+            module = self.original_module if name is None else self.modules_to_save[name]
+            out = module(x.index_select(0, rows), *rest, **kwargs)
+            if result is None:
+                result = out.new_empty((x.shape[0], *out.shape[1:]))
+            result = result.index_copy(0, rows, out.to(result.dtype))
+        return result
 
     def __getattr__(self, name: str):
         # Model code reads attributes of the wrapped module (a head's .weight, an embedding's .num_embeddings).

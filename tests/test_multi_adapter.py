@@ -1,0 +1,146 @@
+"""Several adapters at once (issue 12): per-row adapters in one batch, adapter algebra, the DPO loss."""
+
+import json
+import warnings
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lora
+from lora.inject import adapters_of, lora_layers
+from conftest import make_char_tokenizer, make_gpt2, make_llama, make_llama_for, randomize_adapters
+
+
+def two_adapters(make=make_llama, **b_cfg):
+    model = make()
+    lora.inject(model, lora.LoraConfig(r=2, alpha=4), adapter="a")
+    lora.inject(model, lora.LoraConfig(r=4, alpha=4, **{"targets": ["q_proj", "v_proj"], **b_cfg}), adapter="b")
+    randomize_adapters(model, std=0.3)
+    return model
+
+
+def alone(model, name, tokens):
+    if name is None:
+        with lora.disabled(model):
+            return model(tokens).logits
+    lora.set_active(model, name)
+    return model(tokens).logits
+
+
+def test_each_row_gets_what_it_gets_alone_with_its_adapter(tokens):
+    model = two_adapters()
+    names = ["a", None, "b", "a"]
+    batch = torch.cat([tokens, tokens])  # (4, T)
+    with lora.row_adapters(model, names):
+        mixed = model(batch).logits
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i], alone(model, name, batch[i:i + 1])[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        with lora.row_adapters(model, ["a", "zzz"]):
+            pass
+    with pytest.raises(ValueError, match="one name .* per row"):
+        with lora.row_adapters(model, ["a"]):
+            model(batch)
+
+
+def test_rows_with_their_own_trained_head(tokens):
+    model = make_llama()
+    for name in ("a", "b"):
+        lora.inject(model, lora.LoraConfig(r=2, targets=["q_proj"], modules_to_save=["lm_head"]), adapter=name)
+        with torch.no_grad():
+            model.lm_head.modules_to_save[name].weight.add_(0.3 if name == "a" else -0.3)
+    randomize_adapters(model)
+    with lora.row_adapters(model, ["b", "a"]):
+        mixed = model(tokens).logits
+    torch.testing.assert_close(mixed[0], alone(model, "b", tokens[:1])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], alone(model, "a", tokens[1:])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_with_adapter_names_matches_each_prompt_alone():
+    tok = make_char_tokenizer()
+    model = make_llama_for(tok)
+    for name in ("a", "b"):
+        lora.inject(model, lora.LoraConfig(r=4), adapter=name)
+    randomize_adapters(model, std=0.5)
+    prompts, names = ["hello", "hi there", "hey"], ["a", None, "b"]
+    mixed = lora.generate(model, tok, prompts, max_new_tokens=6, temperature=0, adapter_names=names)
+    expected = []
+    for prompt, name in zip(prompts, names):
+        if name is None:
+            with lora.disabled(model):
+                expected.append(lora.generate(model, tok, prompt, max_new_tokens=6, temperature=0))
+        else:
+            lora.set_active(model, name)
+            expected.append(lora.generate(model, tok, prompt, max_new_tokens=6, temperature=0))
+    assert mixed == expected
+    assert len(set(expected)) > 1  # the adapters really answer differently
+
+
+def delta(model, name, path):
+    return dict(lora_layers(model))[path].delta_weight(name)
+
+
+@pytest.mark.parametrize("make", [make_llama, make_gpt2])
+def test_cat_is_exactly_the_weighted_sum_across_ranks_alphas_and_rslora(make):
+    model = make()
+    lora.inject(model, lora.LoraConfig(r=2, alpha=3, rslora=True), adapter="a")
+    lora.inject(model, lora.LoraConfig(r=5, alpha=16), adapter="b")
+    randomize_adapters(model, std=0.3)
+    errors = lora.combine_adapters(model, {"a": 0.7, "b": -0.3}, name="c", method="cat")
+    assert errors and set(errors.values()) == {0.0}
+    for path, layer in lora_layers(model):
+        assert layer.lora_A["c"].weight.shape[0] == 7  # rank = sum of ranks
+        torch.testing.assert_close(delta(model, "c", path),
+                                   0.7 * delta(model, "a", path) - 0.3 * delta(model, "b", path), atol=1e-6, rtol=0)
+
+
+def test_svd_is_the_best_low_rank_approximation():
+    model = two_adapters()
+    summed = {p: delta(model, "a", p) + 2.0 * (delta(model, "b", p) if "b" in layer.lora_A else 0)
+              for p, layer in lora_layers(model)}
+    errors = lora.combine_adapters(model, {"a": 1.0, "b": 2.0}, name="c", method="svd", rank=2)
+    for path, target in summed.items():
+        S = torch.linalg.svdvals(target.double())
+        optimal = float((S[2:].pow(2).sum() / S.pow(2).sum()).sqrt())  # Eckart-Young
+        assert errors[path] == pytest.approx(optimal, rel=1e-4, abs=1e-6)
+        got = float((delta(model, "c", path) - target).norm() / target.norm())
+        assert got == pytest.approx(optimal, rel=1e-3, abs=1e-5)
+    assert any(e > 0.01 for e in errors.values())  # rank 2 really truncates the rank-6 layers
+    full = lora.combine_adapters(model, {"a": 1.0, "b": 2.0}, name="d", method="svd", rank=6)
+    assert max(full.values()) < 1e-6
+
+
+def test_combined_adapter_saves_and_loads_in_peft(tmp_path, tokens):
+    model = two_adapters()
+    lora.combine_adapters(model, {"a": 0.5, "b": 0.5}, name="c", method="svd", rank=3)
+    expected = alone(model, "c", tokens)
+    lora.save_adapter(model, tmp_path / "c", adapter="c")
+    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["r"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(make_llama(), tmp_path / "c").eval()
+    torch.testing.assert_close(theirs(tokens).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_combining_refuses_what_is_not_a_low_rank_delta():
+    model = two_adapters(dora=True)
+    with pytest.raises(ValueError, match="'b' uses DoRA.*merge it instead"):
+        lora.combine_adapters(model, {"a": 1.0, "b": 1.0}, name="c")
+    with pytest.raises(ValueError, match="unknown adapter"):
+        lora.combine_adapters(model, {"zzz": 1.0}, name="c")
+    with pytest.raises(ValueError, match="method must be one of"):
+        lora.combine_adapters(model, {"a": 1.0}, name="c", method="ties")
+    assert set(adapters_of(model)) == {"a", "b"}  # nothing was added
+
+
+def test_dpo_loss_is_the_sigmoid_loss_of_the_reward_margin():
+    pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.5])
+    rc, rr = torch.tensor([-3.5, -5.0]), torch.tensor([-3.5, -4.0])
+    margin = (pc - rc) - (pr - rr)  # (B,)
+    expected = -F.logsigmoid(0.1 * margin).mean()
+    assert float(lora.dpo_loss(pc, pr, rc, rr, beta=0.1)) == pytest.approx(float(expected))
+    assert float(lora.dpo_loss(rc, rr, rc, rr)) == pytest.approx(float(torch.log(torch.tensor(2.0))))  # no margin
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        lora.dpo_loss(pc, pr, rc, rr, beta=0)

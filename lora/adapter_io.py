@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_dir
-from .config import LoraConfig
+from .config import RESIDUAL_INITS, LoraConfig
 from .inject import adapters_of, inject, lora_layers, set_active, set_trainable, unchanged_on_error
 
 PEFT_PREFIX = "base_model.model."
@@ -217,19 +217,41 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
     layers = dict(lora_layers(model))
-    config = info.config.to_peft(list(info.target_paths), base_model_name_or_path, peft_task_type(model))
+    cfg, tensors = _as_plain_delta(info.config, adapter, layers, adapter_state_dict(model, adapter))
+    config = cfg.to_peft(list(info.target_paths), base_model_name_or_path, peft_task_type(model))
     config["fan_in_fan_out"] = any(layers[p].fan_in_fan_out for p in info.target_paths)
     if config["fan_in_fan_out"] and not all(layers[p].fan_in_fan_out for p in info.target_paths):
         warnings.warn("this adapter wraps both Conv1D and Linear layers; PEFT's single fan_in_fan_out flag cannot "
                       "describe that, so PEFT may load it wrongly (this library reads it correctly)")
     config[FINGERPRINT_KEY] = base_fingerprint(model, info.target_paths)
     tensors = {k: v.to("cpu", torch.float32).contiguous() if v.is_floating_point() else v.cpu().contiguous()
-               for k, v in adapter_state_dict(model, adapter).items()}
+               for k, v in tensors.items()}
 
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def _as_plain_delta(cfg: LoraConfig, adapter: str, layers: dict,
+                    tensors: dict[str, torch.Tensor]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A PiSSA/OLoRA adapter as a plain LoRA delta for the original base, as PEFT converts them on save.
+
+    Trained ``(A, B)`` started from ``(A0, B0)`` on a residual base, so against the original weight the update is
+    ``scale (B A - B0 A0)`` = ``scale [B, -B0] @ [A; A0]``: rank 2r, with alpha chosen so the scale is unchanged.
+    Other adapters are returned as they are.
+    """
+    if cfg.init not in RESIDUAL_INITS:
+        return cfg, tensors
+    out = dict(tensors)
+    for path, layer in layers.items():
+        if adapter in layer.initial_factors:
+            A0, B0 = layer.initial_factors[adapter]
+            A, B = tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"]
+            out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = torch.cat([A, A0.to(A.device)], dim=0)  # (2r, in)
+            out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = torch.cat([B, -B0.to(B.device)], dim=1)  # (out, 2r)
+    alpha = cfg.alpha * (2 ** 0.5 if cfg.rslora else 2)  # alpha / sqrt(2r) or alpha / 2r == the old scale
+    return cfg.replace(r=2 * cfg.r, alpha=alpha, init="kaiming"), out
 
 
 # -- reading ----------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 ALL_LINEAR = "all-linear"
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa", "olora")
+RESIDUAL_INITS = ("pissa", "olora")  # start from the base weight's principal part, leaving a residual base
 BIASES = ("none", "all", "lora_only")
 
 
@@ -25,7 +26,10 @@ class LoraConfig:
         exclude: Module-name suffixes (or full paths) never to wrap, even when ``targets`` matches them.
         layers: Only wrap modules inside these block indices (the first integer in the module path).
         rslora: Rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
-        init: ``"kaiming"`` (A Kaiming-uniform, as nn.Linear) or ``"gaussian"`` (A ~ N(0, 1/r)); B is zero either way.
+        init: ``"kaiming"`` (A Kaiming-uniform, as nn.Linear) or ``"gaussian"`` (A ~ N(0, 1/r)), B zero either way;
+            or ``"pissa"`` (A, B from the top-r singular vectors of W; Meng et al. 2024) / ``"olora"`` (from W's QR
+            decomposition; Büyükakyüz 2024), where the base keeps the residual ``W - scale B A``. Such adapters are
+            saved as a plain delta for the original base (rank 2r), as PEFT converts them.
         dora: Weight-decomposed LoRA (Liu et al. 2024): a trainable per-output magnitude vector.
         bias: ``"none"``, ``"all"`` (train every bias in the model) or ``"lora_only"`` (biases of wrapped layers).
         modules_to_save: Module-name suffixes trained in full and saved with the adapter (e.g. a classifier head).
@@ -64,6 +68,8 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+        if self.init in RESIDUAL_INITS and self.dora:
+            raise ValueError(f"LoraConfig(init={self.init!r}) cannot be combined with dora=True; choose one")
         if self.bias not in BIASES:
             raise ValueError(f"LoraConfig.bias must be one of {BIASES}, got {self.bias!r}")
         if isinstance(self.targets, str):
@@ -107,7 +113,7 @@ class LoraConfig:
             "fan_in_fan_out": False,  # set per model by adapter_io when the wrapped layers are GPT-2 Conv1D
             "use_rslora": self.rslora,
             "use_dora": self.dora,
-            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+            "init_lora_weights": {"kaiming": True}.get(self.init, self.init),
             "bias": self.bias,
             "modules_to_save": list(self.modules_to_save) or None,
             "layers_to_transform": None,
@@ -137,6 +143,11 @@ class LoraConfig:
                              f"not a LoRA adapter config")
         targets = cfg["target_modules"]
         init = cfg.get("init_lora_weights", True)
+        if isinstance(init, str) and init.startswith(RESIDUAL_INITS):
+            raise ValueError(f"adapter_config.json has init_lora_weights={init!r}: its weights are relative to a "
+                             f"residual base that only exists after PiSSA/OLoRA initialisation, not to the original "
+                             f"model. Re-save it converted to a plain delta (PEFT: save_pretrained(..., "
+                             f"path_initial_model_for_weight_conversion=...); lora.save_adapter does this itself)")
         layers = cfg.get("layers_to_transform")
         if isinstance(layers, int):
             layers = [layers]
@@ -159,4 +170,4 @@ class LoraConfig:
         )
 
 
-__all__ = ["LoraConfig", "ALL_LINEAR"]
+__all__ = ["LoraConfig", "ALL_LINEAR", "RESIDUAL_INITS"]

@@ -279,18 +279,9 @@ def remove_adapter(model: nn.Module, adapter: str) -> None:
     for path, module in list(adapter_modules(model)):
         if adapter not in module.adapters:
             continue
-        if isinstance(module, LoRALinear):
-            del module.lora_A[adapter], module.lora_B[adapter], module.lora_dropout[adapter]
-            if adapter in module.lora_magnitude_vector:
-                del module.lora_magnitude_vector[adapter]
-            module.scaling.pop(adapter)
-            inner = module.base_layer
-        else:
-            del module.modules_to_save[adapter]
-            inner = module.original_module
-        module.set_active(tuple(n for n in module.active_adapters if n != adapter))
+        module.remove_adapter(adapter)
         if not module.adapters:
-            _replace(model, path, inner)
+            _replace(model, path, module.base_layer if isinstance(module, LoRALinear) else module.original_module)
     del registry[adapter]
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LoraConfig
+from .config import RESIDUAL_INITS, LoraConfig
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -76,10 +76,15 @@ class LoRALinear(nn.Module):
         self.row_adapters: tuple[str | None, ...] | None = None  # one adapter (or None) per batch row: row_adapters()
         # DoRA's merged weight is m / ||W + dW|| * (W + dW); unmerging needs that norm as it was at merge time.
         self._dora_merge_norms: dict[str, torch.Tensor] = {}
+        # PiSSA/OLoRA: the (A0, B0) an adapter started from. Meanwhile the base layer holds the residual
+        # W - scale B0 A0, and wherever that adapter is not in effect its initial part is added back, so the
+        # base model every other path sees is still W.
+        self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- adapters -----------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, cfg: LoraConfig) -> None:
-        """Add adapter ``name`` with a fresh A (Kaiming-uniform or Gaussian) and a zero B, so outputs are unchanged."""
+        """Add adapter ``name`` with a fresh A (Kaiming-uniform or Gaussian) and a zero B, so outputs are unchanged;
+        or, for PiSSA/OLoRA, A and B from the base weight's principal part, the base keeping the residual."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         device = self.base_layer.weight.device
@@ -95,10 +100,49 @@ class LoRALinear(nn.Module):
         self.lora_B[name] = B
         self.lora_dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.scaling[name] = cfg.scale
+        if cfg.init in RESIDUAL_INITS:
+            self._start_from_principal_part(name, cfg)
         if cfg.dora:
             # With B = 0, ||W + dW|| = ||W||: the magnitude starts at the base weight's row norms (DoRA, eq. 2).
             self.lora_magnitude_vector[name] = nn.Parameter(self._base_weight_view().float().norm(dim=1))
         self.active_adapters = self.active_adapters + (name,)
+
+    @torch.no_grad()
+    def _start_from_principal_part(self, name: str, cfg: LoraConfig) -> None:
+        """PiSSA: ``scale B0 A0`` = the top-r singular part of W. OLoRA: ``B0 = Q[:, :r]``, ``A0 = R[:r]`` of W = QR.
+        The base layer then holds ``W - scale B0 A0``, so the output is unchanged (up to rounding)."""
+        if self.initial_factors or self.merged_adapters:
+            raise ValueError(f"init={cfg.init!r} rewrites the base weight into a residual; a layer can hold one such "
+                             f"adapter, with nothing merged (remove or unmerge the others first)")
+        if cfg.r > min(self.in_features, self.out_features):
+            raise ValueError(f"init={cfg.init!r} needs r <= min(in, out) = {min(self.in_features, self.out_features)}, "
+                             f"got r={cfg.r}")
+        W = self._base_weight_view().float()  # (out, in)
+        if cfg.init == "pissa":
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            root = (S[:cfg.r] / cfg.scale).sqrt()  # (r,)
+            A0, B0 = root[:, None] * Vh[:cfg.r], U[:, :cfg.r] * root  # (r, in), (out, r)
+        else:
+            Q, R = torch.linalg.qr(W)
+            A0, B0 = R[:cfg.r], Q[:, :cfg.r]
+        self.lora_A[name].weight.copy_(A0)
+        self.lora_B[name].weight.copy_(B0)
+        self.initial_factors[name] = (A0.clone(), B0.clone())
+        self._write_base(W - lora_delta(A0, B0, cfg.scale))
+
+    def remove_adapter(self, name: str) -> None:
+        """Delete adapter ``name`` (not merged); a PiSSA/OLoRA adapter gives the base its full weight back."""
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weights; call lora.unmerge(model) first")
+        if name in self.initial_factors:
+            A0, B0 = self.initial_factors.pop(name)
+            with torch.no_grad():
+                self._write_base(self._base_weight_view().float() + lora_delta(A0, B0, self.scaling[name]))
+        del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+        self.scaling.pop(name)
+        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
 
     def set_active(self, names: tuple[str, ...]) -> None:
         self.active_adapters = tuple(n for n in names if n in self.lora_A)
@@ -119,10 +163,13 @@ class LoRALinear(nn.Module):
                 self.lora_magnitude_vector[name] if name in self.lora_magnitude_vector else None)
 
     def base_weight(self) -> torch.Tensor:
-        """The base weight without any merged adapter, ``out x in``, in fp32 (the layer is left as it is)."""
+        """The base weight without any adapter, ``out x in``, in fp32 (the layer is left as it is): merged adapters
+        subtracted, PiSSA/OLoRA initial parts added back."""
         W = self._base_weight_view().float()
         for name in reversed(self.merged_adapters):
             W = unmerged_weight(W, *self._factors(name), merge_norm=self._dora_merge_norms.get(name))
+        for name, (A0, B0) in self.initial_factors.items():
+            W = W + lora_delta(A0, B0, self.scaling[name])
         return W
 
     def delta_weight(self, name: str, base_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,6 +214,9 @@ class LoRALinear(nn.Module):
     # -- forward ----------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)  # (..., out)
+        for name in self.initial_factors:
+            if self.disabled or name not in self.active_adapters or self.row_adapters is not None:
+                result = self._add_initial_part(name, x, result, self.row_adapters)
         if self.disabled:
             return result
         if self.row_adapters is not None:
@@ -185,6 +235,17 @@ class LoRALinear(nn.Module):
             else:
                 result = result + (lora_out * self.scaling[name]).to(result.dtype)
         return result
+
+    def _add_initial_part(self, name: str, x: torch.Tensor, result: torch.Tensor,
+                          row_names: tuple[str | None, ...] | None) -> torch.Tensor:
+        """Add back ``scale B0 A0 x``, the part of W a PiSSA/OLoRA adapter took over, where it is not in effect
+        (with per-row adapters: on the rows of other adapters)."""
+        A0, B0 = (t.to(x.device) for t in self.initial_factors[name])
+        if row_names is None:
+            return result + (F.linear(F.linear(x.to(A0.dtype), A0), B0) * self.scaling[name]).to(result.dtype)
+        rows = torch.tensor([i for i, n in enumerate(row_names) if n != name], device=x.device, dtype=torch.long)
+        part = F.linear(F.linear(x.index_select(0, rows).to(A0.dtype), A0), B0) * self.scaling[name]
+        return result.index_add(0, rows, part.to(result.dtype))
 
     def _add_row_updates(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each batch row gets the update of its own adapter (``row_adapters[i]``; None or an adapter that does not
@@ -244,6 +305,10 @@ class SavedModule(nn.Module):
             raise ValueError(f"adapter {name!r} already exists on this module")
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
         self.active_adapters = self.active_adapters + (name,)
+
+    def remove_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
 
     def set_active(self, names: tuple[str, ...]) -> None:
         active = tuple(n for n in names if n in self.modules_to_save)

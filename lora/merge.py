@@ -37,6 +37,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     merge(model)
     for path, module in list(adapter_modules(model)):
         if isinstance(module, LoRALinear):
+            for name in set(module.adapters) - set(module.merged_adapters):
+                module.remove_adapter(name)  # discarded; a PiSSA/OLoRA one gives its initial part back to the base
             plain = module.base_layer
         else:
             original = next(module.original_module.parameters(), None)

@@ -79,7 +79,7 @@ def test_generate_with_adapter_names_matches_each_prompt_alone():
 
 
 def delta(model, name, path):
-    return dict(lora_layers(model))[path].delta_weight(name)
+    return dict(lora_layers(model))[path].delta_weight(name).detach()
 
 
 @pytest.mark.parametrize("make", [make_llama, make_gpt2])
@@ -144,3 +144,60 @@ def test_dpo_loss_is_the_sigmoid_loss_of_the_reward_margin():
     assert float(lora.dpo_loss(rc, rr, rc, rr)) == pytest.approx(float(torch.log(torch.tensor(2.0))))  # no margin
     with pytest.raises(ValueError, match="beta must be > 0"):
         lora.dpo_loss(pc, pr, rc, rr, beta=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_principal_inits_start_from_w_and_save_a_plain_delta_for_the_original_base(tmp_path, tokens, init):
+    model = make_llama()
+    base_logits = model(tokens).logits
+    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    W = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    lora.inject(model, lora.LoraConfig(r=4, alpha=8, init=init))
+    q = model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(model(tokens).logits, base_logits, atol=1e-5, rtol=0)  # starts where the base is
+    start = q.delta_weight("default")
+    if init == "pissa":  # the principal part: the top-4 singular directions of W
+        U, S, Vh = torch.linalg.svd(W)
+        torch.testing.assert_close(start, U[:, :4] @ torch.diag(S[:4]) @ Vh[:4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(q.base_layer.weight + start, W, atol=1e-6, rtol=0)  # the base keeps the residual
+
+    randomize_adapters(model, std=0.2)  # what training does
+    trained = model(tokens).logits
+    with lora.disabled(model):
+        torch.testing.assert_close(model(tokens).logits, base_logits, atol=1e-5, rtol=0)  # the original base
+    lora.save_adapter(model, tmp_path / "ad")
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True  # a plain rank-2r delta
+
+    for load in ("ours", "peft", "merge"):
+        fresh = make_llama()  # the ORIGINAL base
+        if load == "ours":
+            lora.load_adapter(fresh, tmp_path / "ad")
+        elif load == "peft":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fresh = peft.PeftModel.from_pretrained(fresh, tmp_path / "ad").eval()
+        else:
+            fresh.load_state_dict(lora.merge_state_dict(base_sd, tmp_path / "ad"))
+        torch.testing.assert_close(fresh(tokens).logits, trained, atol=1e-5, rtol=1e-5)
+
+    plain = lora.merge_and_unload(model)
+    torch.testing.assert_close(plain(tokens).logits, trained, atol=1e-5, rtol=1e-5)
+
+
+def test_removing_a_pissa_adapter_gives_the_base_its_weight_back(tokens):
+    model = make_llama()
+    W = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    lora.inject(model, lora.LoraConfig(r=4, init="pissa"))
+    lora.remove_adapter(model, "default")
+    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight, W, atol=1e-6, rtol=0)
+
+
+def test_an_unconverted_pissa_adapter_from_peft_is_refused(tmp_path):
+    model = make_llama()
+    lora.inject(model, lora.LoraConfig(r=2))
+    lora.save_adapter(model, tmp_path / "ad")
+    config_file = tmp_path / "ad" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "init_lora_weights": "pissa_niter_4"}))
+    with pytest.raises(ValueError, match="relative to a residual base.*path_initial_model_for_weight_conversion"):
+        lora.load_adapter(make_llama(), tmp_path / "ad")

@@ -103,27 +103,36 @@ def _fingerprint_paths(target_paths) -> list[str]:
     return paths
 
 
-def _sample(weight: torch.Tensor) -> list[float]:
-    flat = weight.float().reshape(-1)
+def fingerprint_sample(weight: torch.Tensor) -> list[float]:
+    """The values a fingerprint keeps of one base weight (``out x in``): evenly spaced, exact."""
+    flat = weight.detach().float().reshape(-1)
     return flat[torch.linspace(0, flat.numel() - 1, _FP_VALUES).long()].tolist()
 
 
-def fingerprint(target_paths, base_weight: Callable[[str], torch.Tensor], dtype: torch.dtype) -> dict[str, Any]:
+def fingerprint(target_paths, sample: Callable[[str], list[float]], dtype: torch.dtype) -> dict[str, Any]:
     """A few exact values of the base weights an adapter targets, and their dtype, to recognise that base later.
 
     Args:
         target_paths: The adapter's wrapped module paths.
-        base_weight: The base weight (``out x in``, without any merged adapter) of a module path.
+        sample: :func:`fingerprint_sample` of a module path's base weight (without any adapter).
         dtype: The dtype the base weights are stored in.
     """
     return {"dtype": str(dtype).removeprefix("torch."),
-            "values": {path: _sample(base_weight(path)) for path in _fingerprint_paths(target_paths)}}
+            "values": {path: sample(path) for path in _fingerprint_paths(target_paths)}}
 
 
-def _live_base(model: nn.Module, target_paths) -> tuple[Callable[[str], torch.Tensor], torch.dtype]:
-    """A live model's base weights by module path (merged adapters subtracted) and the dtype they are stored in."""
+def _live_base(model: nn.Module, target_paths) -> tuple[Callable[[str], list[float]], torch.dtype]:
+    """Fingerprint samples of a live model's base weights by module path, and the dtype they are stored in.
+
+    A 4-bit base (``quantize="nf4"``) answers with the samples of the full-precision weights it was made from.
+    """
     layers = dict(lora_layers(model))
-    return (lambda path: layers[path].base_weight()), layers[sorted(target_paths)[0]].base_layer.weight.dtype
+
+    def sample(path: str) -> list[float]:
+        kept = getattr(layers[path].base_layer, "full_precision_sample", None)
+        return kept if kept is not None else fingerprint_sample(layers[path].base_weight())
+
+    return sample, layers[sorted(target_paths)[0]].base_layer.weight.dtype
 
 
 def base_fingerprint(model: nn.Module, target_paths: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -136,7 +145,7 @@ def _epsilon(dtype_name: str) -> float | None:
     return torch.finfo(dtype).eps if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
-def check_base_fingerprint(where, raw: dict[str, Any], base_weight: Callable[[str], torch.Tensor],
+def check_base_fingerprint(where, raw: dict[str, Any], sample: Callable[[str], list[float]],
                            dtype: torch.dtype) -> None:
     """Refuse an adapter whose recorded fingerprint does not match this base (warn if it has none).
 
@@ -147,7 +156,7 @@ def check_base_fingerprint(where, raw: dict[str, Any], base_weight: Callable[[st
     Args:
         where: The adapter folder, for messages.
         raw: Its ``adapter_config.json``.
-        base_weight: The current base weight (``out x in``, no merged adapter) of a module path.
+        sample: :func:`fingerprint_sample` of the current base weight of a module path.
         dtype: The dtype the current base weights are stored in.
 
     Raises:
@@ -169,12 +178,16 @@ def check_base_fingerprint(where, raw: dict[str, Any], base_weight: Callable[[st
         return
     allowed = _FP_EPSILONS * max(eps_saved, eps_now)
     worst, worst_path = 0.0, None
-    for path, sample in values.items():
+    for path, recorded in values.items():
         try:
-            a = torch.tensor(sample, dtype=torch.float64)
-            b = torch.tensor(_sample(base_weight(path)), dtype=torch.float64)
-        except (KeyError, ValueError, TypeError, RuntimeError):
-            worst, worst_path = float("inf"), path  # the base has no such weight, or the record is malformed
+            a = torch.tensor(recorded, dtype=torch.float64)
+        except (ValueError, TypeError, RuntimeError):
+            raise ValueError(f"{where}: the {FINGERPRINT_KEY} in adapter_config.json is malformed at {path!r}; "
+                             f"re-save the adapter, or skip the check with check_base=False") from None
+        try:
+            b = torch.tensor(sample(path), dtype=torch.float64)
+        except KeyError:  # the base has no such weight
+            worst, worst_path = float("inf"), path
             break
         if a.shape != b.shape:
             worst, worst_path = float("inf"), path
@@ -368,4 +381,5 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
 
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter", "base_fingerprint", "fingerprint",
+           "fingerprint_sample",
            "check_base_fingerprint", "PEFT_PREFIX"]

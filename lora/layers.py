@@ -153,8 +153,11 @@ class LoRALinear(nn.Module):
 
     # -- weights --------------------------------------------------------------------------------------------------
     def _base_weight_view(self) -> torch.Tensor:
-        """The base weight as ``out x in`` (a transposed view for Conv1D), in its own dtype."""
+        """The base weight as ``out x in`` (a transposed view for Conv1D), in its own dtype; a 4-bit NF4 base
+        (QLoRA) as its dequantized values."""
         w = self.base_layer.weight
+        if hasattr(w, "get_original_weight"):
+            w = w.get_original_weight()
         return w.T if self.fan_in_fan_out else w
 
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
@@ -186,6 +189,10 @@ class LoRALinear(nn.Module):
 
     def _write_base(self, W: torch.Tensor) -> None:
         """Store an ``out x in`` fp32 weight into the base layer, in its layout and dtype (one cast)."""
+        if hasattr(self.base_layer, "full_precision_sample"):
+            raise ValueError("this base weight is 4-bit (quantize='nf4'), for training only: writing a merge into it "
+                             "would round the adapter away. Merge into the full-precision base instead: lora merge "
+                             "--model <base> --adapter <folder>, or lora.merge_state_dict(base_state_dict, folder)")
         weight = self.base_layer.weight
         weight.copy_((W.T if self.fan_in_fan_out else W).to(weight.dtype))
 

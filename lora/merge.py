@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_io import PEFT_PREFIX, check_base_fingerprint, read_adapter
+from .adapter_io import PEFT_PREFIX, check_base_fingerprint, fingerprint_sample, read_adapter
 from .inject import adapter_modules, adapters_of, lora_layers
 from .layers import LoRALinear, merged_weight
 
@@ -79,7 +79,7 @@ class AdapterMerger:
         if check_base:
             dtype = base[next(iter(self.factors))].dtype if self.factors else torch.float32
             check_base_fingerprint(adapter_dir, self.peft_config,
-                                   lambda path: self._out_in(base[path + ".weight"]), dtype)
+                                   lambda path: fingerprint_sample(self._out_in(base[path + ".weight"])), dtype)
 
     def _out_in(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.T if self.fan_in_fan_out else tensor  # GPT-2's Conv1D stores (in, out)

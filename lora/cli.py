@@ -9,6 +9,17 @@ from pathlib import Path
 
 from .models import DEFAULT_MODEL
 
+# Failures the user can act on: our ValueErrors (they say what is wrong and how to fix it), a file that cannot be
+# read or written, a NaN stop, Ctrl-C. They print one line; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, KeyboardInterrupt)
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line (Ctrl-C has none of its own)."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    return " ".join(str(error).splitlines()) or type(error).__name__
+
 
 def _generate(args: argparse.Namespace) -> None:
     from .adapter_io import load_adapter
@@ -90,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except ValueError as e:  # our errors already say what is wrong and how to fix it
-        print(f"lora {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"lora {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

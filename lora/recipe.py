@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .adapter_io import save_adapter
 from .atomic import atomic_file
+from .cli import USER_ERRORS, one_line
 from .config import LoraConfig
 from .trainer import TrainConfig
+
+# A comma-separated list of plain module names (q_proj,v_proj): on the command line a list, not a regex.
+_NAME_LIST = re.compile(r"\s*[A-Za-z0-9_.]+\s*(,\s*[A-Za-z0-9_.]+\s*)*,?\s*")
 
 
 def _coerce(value: Any, annotation: str, key: str) -> Any:
@@ -40,7 +46,9 @@ def _coerce(value: Any, annotation: str, key: str) -> Any:
         if "tuple" in annotation or "list" in annotation:
             if value.startswith("["):
                 return yaml.safe_load(value)
-            return value if annotation.startswith("str") else [v.strip() for v in value.split(",") if v.strip()]
+            if annotation.startswith("str") and not _NAME_LIST.fullmatch(value):
+                return value  # "all-linear", or a regex such as .*\.(q|v)_proj (issue 9)
+            return [v.strip() for v in value.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"{key}={value!r}: expected {annotation}") from None
     return value
@@ -111,21 +119,36 @@ def _help(recipe_cls, schema: dict[str, str], values: dict) -> str:
     return "\n".join(lines)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch (every device) and Python's ``random``: call it before :func:`lora.inject`, whose ``A`` is
+    random, so that the same command gives the same adapter (issue 9)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
 def finish(model, adapter_dir: str, output_dir: str, metrics: dict) -> dict:
-    """Save the adapter and write ``metrics.json`` (with the adapter's path) into ``output_dir``."""
+    """Save the adapter and write ``metrics.json`` (with the adapter's path) into ``output_dir``.
+
+    A run stopped by Ctrl-C (``metrics["interrupted"]``) is saved all the same, with a note on how to resume it.
+    """
     adapter = save_adapter(model, adapter_dir)
     metrics = {**metrics, "adapter": str(adapter)}
     write_json_atomically(Path(output_dir) / "metrics.json", metrics)
     print(f"adapter saved to {adapter}; metrics in {output_dir}/metrics.json")
+    if metrics.get("interrupted"):
+        print(f"training was interrupted after step {metrics.get('steps')}; the adapter holds that state. Run the "
+              f"same command with resume=true to finish it (the checkpoint is in {output_dir}/checkpoints)")
     return metrics
 
 
 def run(main: Callable[[list[str]], dict]) -> None:
-    """Run a recipe's ``main`` on the command line: our errors become one line on stderr and exit status 1."""
+    """Run a recipe's ``main`` on the command line: errors the user can act on (bad settings or data, a file that
+    cannot be read or written, a NaN stop, Ctrl-C outside training) become one line on stderr and exit status 1.
+    """
     try:
         main(sys.argv[1:])
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except (*USER_ERRORS, yaml.YAMLError) as e:
+        sys.exit(f"error: {one_line(e)}")
 
 
 def write_json_atomically(path: str | Path, data: dict) -> Path:
@@ -134,4 +157,4 @@ def write_json_atomically(path: str | Path, data: dict) -> Path:
     return Path(path)
 
 
-__all__ = ["parse_settings", "finish", "run", "write_json_atomically"]
+__all__ = ["parse_settings", "seed_everything", "finish", "run", "write_json_atomically"]

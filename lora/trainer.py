@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import random
 import resource
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,8 +34,10 @@ from .atomic import atomic_dir
 from .data import IGNORE, collate, model_inputs, pack
 from .generate import exact_match
 from .inject import adapters_of
+from .layers import is_linear_like
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+HALF = (torch.float16, torch.bfloat16)
 SCHEDULES = ("cosine", "linear", "constant")
 LOGGERS = ("none", "tensorboard")
 
@@ -160,6 +166,42 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def _forward_takes(model: nn.Module) -> set[str]:
+    """Which batch inputs ``model.forward`` takes by name: a Hugging Face forward takes them all, a hand-written
+    ``forward(idx)`` none (a ``**kwargs`` forward is taken at its word)."""
+    inputs = {"input_ids", "attention_mask", "position_ids", "use_cache"}
+    params = inspect.signature(model.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return inputs
+    return {p.name for p in params} & inputs
+
+
+def _upcast_trainable(model: nn.Module, mixed_precision: str, precision: str) -> None:
+    """Keep every trainable parameter in fp32, whatever the model's dtype; autocast still runs the matmuls in half.
+
+    A trainable bias or ``modules_to_save`` head follows the model's dtype otherwise (issue 9): under fp16 the grad
+    scaler refuses to unscale fp16 gradients, and in bf16 an update below 1/256 of the weight rounds away.
+    """
+    half = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.dtype in HALF]
+    if not half:
+        return
+    if mixed_precision == "no":  # no autocast: fp32 weights would meet half-precision activations
+        name, dtype = half[0][0], half[0][1].dtype
+        raise ValueError(f"trainable parameters such as {name!r} are {dtype}, and precision={precision!r} trains "
+                         f"without autocast, where their fp32 copies cannot meet the model's {dtype} activations; "
+                         f"set precision='bf16' (or 'fp16'), or load the model in float32")
+    upcast = {id(p) for _, p in half}
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.dtype in HALF]
+        if not is_linear_like(module) and any(id(p) in upcast for p in own):
+            # Autocast casts a linear layer's weight and bias itself, but not a LayerNorm's: one whose bias trains
+            # needs its (small, frozen) weight in fp32 too.
+            upcast.update(id(p) for p in own)
+    for p in model.parameters():
+        if id(p) in upcast:
+            p.data = p.data.float()  # in place: the module, tied weights and the optimizer keep the same Parameter
+
+
 def _head_and_decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """The decoder (returns hidden states) and output head of a plain HF causal LM, or None to use full logits.
 
@@ -189,6 +231,7 @@ class BatchLoss(nn.Module):
         self.classification = classification
         self.loss_chunk = loss_chunk
         self.parts = None if classification else _head_and_decoder(model)
+        self.takes = _forward_takes(model)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.classification:
@@ -196,7 +239,7 @@ class BatchLoss(nn.Module):
             return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
         targets = batch["targets"]
         if self.parts is None:
-            out = self.model(**model_inputs(batch))
+            out = self._run_model(batch)
             logits = out if isinstance(out, torch.Tensor) else out.logits
             return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                                    reduction="sum")
@@ -211,6 +254,47 @@ class BatchLoss(nn.Module):
             total = total + F.cross_entropy(logits, wanted[start:start + self.loss_chunk], reduction="sum")
         return total
 
+    def _run_model(self, batch: dict[str, torch.Tensor]) -> Any:
+        """The model's output on a batch, called the way its forward asks (issue 9: hand-written GPTs)."""
+        inputs = model_inputs(batch)
+        if "input_ids" in self.takes:  # a Hugging Face forward: everything by name
+            return self.model(**{k: v for k, v in inputs.items() if k in self.takes})
+        # A hand-written forward(idx): the ids positionally, and no mask. Rows are right-padded, so in a causal
+        # model every real token comes before the pads, and pads carry no loss.
+        return self.model(inputs["input_ids"], **({"position_ids": inputs["position_ids"]}
+                                                  if "position_ids" in self.takes else {}))
+
+
+class _CtrlC:
+    """While active, Ctrl-C (SIGINT) only sets ``requested``; the training loop stops at the next step boundary.
+
+    A KeyboardInterrupt raised mid-step can land between ``optimizer.step()`` and ``self.step += 1``, which saved
+    updated weights under the old step number and made resume apply that step twice (issue 9). A second Ctrl-C
+    stops at once, without a checkpoint (the last one written stays).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> "_CtrlC":
+        if threading.current_thread() is threading.main_thread():  # Python runs signal handlers only there
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step (press it again to stop at once, without a checkpoint)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:  # a handler set outside Python reads as None and cannot be put back: use the default
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+
 
 class Trainer:
     """Fine-tunes the trainable parameters of ``model`` (typically after :func:`lora.inject`).
@@ -224,16 +308,20 @@ class Trainer:
         exact_match_data: ``(prompts, answers)``: evaluation also answers the prompts greedily and reports the
             fraction equal to the answers (needs ``tokenizer``); see :func:`lora.data.prompts_and_answers`.
         tokenizer: The model's tokenizer, for ``exact_match_data``.
+        exact_match_max_new_tokens: Tokens generated per prompt for exact match (default: the longest answer plus
+            4, see :func:`lora.generate.exact_match`).
         pad_id: Padding token id (default: the model config's ``pad_token_id``, else 0).
         adapter: The adapter saved in checkpoints.
-        callbacks: Called as ``fn(trainer, step, metrics)`` after every optimizer step.
+        callbacks: Called as ``fn(trainer, step, metrics)`` after every optimizer step; one that raises
+            KeyboardInterrupt stops training as Ctrl-C does.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_data: list[dict],
                  eval_data: list[dict] | None = None,
                  exact_match_data: tuple[list[str], list[str]] | None = None, tokenizer=None,
                  pad_id: int | None = None, adapter: str = "default",
-                 callbacks: list[Callable[["Trainer", int, dict], None]] | None = None):
+                 callbacks: list[Callable[["Trainer", int, dict], None]] | None = None,
+                 exact_match_max_new_tokens: int | None = None):
         from accelerate import Accelerator
 
         self.cfg = config
@@ -248,20 +336,27 @@ class Trainer:
         self.pad_id = 0 if pad_id is None else int(pad_id)
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameters; call lora.inject(model, cfg) first")
-        if config.packing and not self.classification:
-            self.rows = pack(train_data, config.seq_len, self.pad_id)
-        else:
-            self.rows = train_data
-        self.eval_data = eval_data
         if exact_match_data is not None and tokenizer is None:
             raise ValueError("exact_match_data needs the model's tokenizer: Trainer(..., tokenizer=tokenizer)")
         self.exact_match_data = exact_match_data
+        self.exact_match_max_new_tokens = exact_match_max_new_tokens
         self.tokenizer = tokenizer
+        self.eval_data = eval_data
 
+        mixed_precision = _mixed_precision(config.precision)
         self.accelerator = Accelerator(
-            mixed_precision=_mixed_precision(config.precision),
+            mixed_precision=mixed_precision,
             log_with="tensorboard" if config.logger == "tensorboard" else None,
             project_dir=str(self.output_dir))
+        packing = config.packing and not self.classification
+        if packing and "position_ids" not in _forward_takes(model):
+            # Packed examples are kept apart by positions that restart; a forward without position_ids would let
+            # them attend to each other, so such a model trains on padded rows of one example each.
+            self.accelerator.print(f"packing off: {type(model).__name__}.forward takes no position_ids, so packed "
+                                   f"examples would attend to each other; training on padded rows")
+            packing = False
+        self.rows = pack(train_data, config.seq_len, self.pad_id) if packing else train_data
+        _upcast_trainable(model, mixed_precision, config.precision)
         if config.gradient_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise ValueError("gradient_checkpointing=True needs a Hugging Face model "
@@ -307,7 +402,8 @@ class Trainer:
         result = {}
         if self.exact_match_data is not None:
             prompts, answers = self.exact_match_data
-            result["exact_match"] = exact_match(self.model, self.tokenizer, prompts, answers)[0]
+            result["exact_match"] = exact_match(self.model, self.tokenizer, prompts, answers,
+                                                self.exact_match_max_new_tokens)[0]
         data = self.eval_data if data is None else data
         if not data:
             return result
@@ -347,8 +443,10 @@ class Trainer:
     def train(self) -> TrainResult:
         """Run to ``total_steps`` (resuming first if ``resume``); returns the metrics of the run.
 
-        Ctrl-C stops cleanly: the state after the last completed step is checkpointed and the result says
-        ``interrupted=True``; ``resume=True`` then continues exactly where it stopped.
+        Ctrl-C (or a KeyboardInterrupt raised by a callback) stops cleanly at the end of the step under way, on
+        every process together: that state is checkpointed and the result says ``interrupted=True``;
+        ``resume=True`` then continues exactly where it stopped. A second Ctrl-C stops at once, without a
+        checkpoint.
         """
         from tqdm.auto import tqdm
 
@@ -366,7 +464,7 @@ class Trainer:
         self.loss_module.train()  # the wrapped BatchLoss; .train() reaches the model inside
         start_time, tokens_seen, interrupted, last_loss = time.perf_counter(), 0, False, None
         self._rng_at_step = _rng_state()
-        try:
+        with _CtrlC() as ctrl_c, bar:
             while self.step < self.total_steps:
                 micro_batches = [self._batch(rows) for rows in self._step_rows(self.step)]
                 window_loss, window_terms, tokens = self._backward_window(micro_batches)
@@ -396,12 +494,15 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
                 for callback in self.callbacks:
-                    callback(self, self.step, metrics)
-        except KeyboardInterrupt:
-            interrupted = True
-            self.optimizer.zero_grad(set_to_none=True)  # drop a half-accumulated window; resume redoes it
-        finally:
-            bar.close()
+                    try:
+                        callback(self, self.step, metrics)
+                    except KeyboardInterrupt:  # a callback's interrupt counts as a Ctrl-C
+                        ctrl_c.requested = True
+                # Decided by all processes together, or the one that stops leaves the others waiting forever in
+                # the next step's collectives.
+                if self._on_any_process(ctrl_c.requested):
+                    interrupted = True
+                    break
         train_seconds = time.perf_counter() - start_time
         checkpoint = self.save_checkpoint()
         final = {} if interrupted else self.evaluate()
@@ -442,6 +543,13 @@ class Trainer:
         tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum"))
         return window_loss, window_terms, tokens
 
+    def _on_any_process(self, flag: bool) -> bool:
+        """``flag`` OR-ed over all processes, so that a decision to stop is the same everywhere."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return flag
+        return bool(acc.reduce(torch.tensor(int(flag), device=acc.device), "sum") > 0)
+
     def _stop_non_finite(self, value: float) -> None:
         """A NaN/inf loss: keep the last good state as a checkpoint (if the weights are still finite) and stop."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -480,7 +588,7 @@ class Trainer:
             trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
             save_file({n: p.detach().float().cpu().contiguous() for n, p in trainable.items()},
                       str(tmp / "trainable.safetensors"))
-            tensors, meta = _optimizer_state(self.optimizer, list(trainable))
+            tensors, meta = _optimizer_state(self.optimizer, {id(p): n for n, p in trainable.items()})
             rng = self._rng_at_step or _rng_state()
             tensors.update({f"rng.{k}": v for k, v in rng.items() if isinstance(v, torch.Tensor)})
             save_file(tensors, str(tmp / "state.safetensors"))
@@ -509,7 +617,8 @@ class Trainer:
             for n, p in trainable.items():
                 p.copy_(saved[n].to(p.dtype))
         tensors = load_file(str(latest / "state.safetensors"))
-        _load_optimizer_state(self.optimizer, list(trainable), tensors, state["optimizer"])
+        _load_optimizer_state(self.optimizer, {id(p): n for n, p in trainable.items()}, tensors, state["optimizer"],
+                              latest)
         _set_rng_state({k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}, state["python_random"])
         self.step, self.history = state["step"], state["history"]
 
@@ -554,12 +663,32 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], python_state: list) -> None
     random.setstate((version, tuple(internal), gauss))
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """AdamW's moments as tensors keyed by parameter name, and its scalar state as JSON (no pickle)."""
+def _optimizer_params(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[tuple[int, str]]:
+    """``(index in optimizer.state_dict(), parameter name)`` for every parameter the optimizer holds.
+
+    Paired through the parameter objects, not by position: the optimizer's order (its param groups) need not be the
+    model's (issue 9).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    indices = [i for group in optimizer.state_dict()["param_groups"] for i in group["params"]]
+    unnamed = [tuple(p.shape) for p in params if id(p) not in names]
+    if unnamed:
+        raise ValueError(f"the optimizer holds parameters that are not trainable parameters of the model (shapes "
+                         f"{unnamed[:3]}); build it from [p for p in model.parameters() if p.requires_grad]")
+    return [(i, names[id(p)]) for i, p in zip(indices, params)]
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer,
+                     names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdamW's moments as tensors keyed by parameter name, and its scalar state as JSON (no pickle).
+
+    Args:
+        optimizer: The optimizer.
+        names: ``id(parameter) -> name`` for the model's trainable parameters.
+    """
     sd = optimizer.state_dict()
-    order = [i for group in sd["param_groups"] for i in group["params"]]
     tensors, scalars = {}, {}
-    for index, name in zip(order, names):
+    for index, name in _optimizer_params(optimizer, names):
         for key, value in sd["state"].get(index, {}).items():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 tensors[f"optim.{name}.{key}"] = value.detach().cpu().contiguous()
@@ -569,18 +698,28 @@ def _optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> tupl
     return tensors, {"scalars": scalars, "param_groups": groups}
 
 
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor],
-                          meta: dict) -> None:
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str], tensors: dict[str, torch.Tensor],
+                          meta: dict, source: Path) -> None:
+    """Put the state written by :func:`_optimizer_state` back, matched to the parameters by name.
+
+    Raises:
+        ValueError: the checkpoint ``source`` holds state for other parameters than the optimizer's.
+    """
+    entries: dict[str, dict[str, Any]] = {}  # parameter name -> its state; names hold dots, state keys do not
+    for key, t in tensors.items():
+        if key.startswith("optim."):
+            name, _, field = key[len("optim."):].rpartition(".")
+            entries.setdefault(name, {})[field] = t
+    for key, value in meta["scalars"].items():
+        name, _, field = key.rpartition(".")
+        entries.setdefault(name, {})[field] = torch.tensor(value)
+    pairs = _optimizer_params(optimizer, names)
+    expected = {name for _, name in pairs}
+    if entries and set(entries) != expected:
+        raise ValueError(f"checkpoint {source} holds optimizer state for other parameters than this optimizer's "
+                         f"(e.g. {sorted(set(entries) ^ expected)[:3]}); use another output_dir or resume=False")
+    state = {index: entries[name] for index, name in pairs if name in entries}
     sd = optimizer.state_dict()
-    order = [i for group in sd["param_groups"] for i in group["params"]]
-    state: dict[int, dict[str, Any]] = {}
-    for index, name in zip(order, names):
-        entry = {key[len(f"optim.{name}."):]: t for key, t in tensors.items() if key.startswith(f"optim.{name}.")}
-        for key, value in meta["scalars"].items():
-            if key.startswith(f"{name}."):
-                entry[key[len(name) + 1:]] = torch.tensor(value)
-        if entry:
-            state[index] = entry
     groups = [{**saved, "params": g["params"]} for saved, g in zip(meta["param_groups"], sd["param_groups"])]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import lora
 from lora.data import load_dataset
-from lora.recipe import finish, parse_settings, run
+from lora.recipe import finish, parse_settings, run, seed_everything
 
 DATA = Path(__file__).parent / "data"
 
@@ -39,6 +39,7 @@ def main(argv: list[str]) -> dict:
     test, _ = load_dataset(settings.eval_file, tokenizer, format="classification", label_names=stats.labels,
                            max_length=train_cfg.seq_len)
     print(f"train data: {stats.describe()}; classes: {stats.labels}")
+    seed_everything(train_cfg.seed)  # the new score head and A start random: seeded, the same command repeats
     model, _ = lora.load_model(settings.model, num_labels=len(stats.labels))
     lora.inject(model, lora_cfg)
     print("trainable parameters: {trainable:,} of {total:,} ({percent:.2f}%)".format(**lora.parameter_count(model)))
@@ -47,16 +48,17 @@ def main(argv: list[str]) -> dict:
     accuracy_before = trainer.evaluate()["accuracy"]
     majority = Counter(e["label"] for e in test).most_common(1)[0][1] / len(test)
     result = trainer.train()
-    accuracy_after = trainer.evaluate()["accuracy"]
-    print(f"held-out accuracy: before {accuracy_before:.1%}, after {accuracy_after:.1%} "
-          f"(majority-class baseline {majority:.1%})")
+    accuracy_after = None if result.interrupted else trainer.evaluate()["accuracy"]  # Ctrl-C: no final evaluation
+    if accuracy_after is not None:
+        print(f"held-out accuracy: before {accuracy_before:.1%}, after {accuracy_after:.1%} "
+              f"(majority-class baseline {majority:.1%})")
     if not trainer.accelerator.is_main_process:  # under `accelerate launch`, one process writes the outputs
         return {}
     return finish(model, settings.adapter_dir, train_cfg.output_dir, {  # the adapter includes the score head
         "accuracy_before": accuracy_before, "accuracy_after": accuracy_after, "majority_baseline": majority,
         "labels": stats.labels, "eval_loss": result.eval_loss, "steps": result.steps,
         "train_seconds": result.train_seconds, "tokens_per_second": result.tokens_per_second,
-        "peak_memory_bytes": result.peak_memory_bytes, "model": settings.model})
+        "peak_memory_bytes": result.peak_memory_bytes, "interrupted": result.interrupted, "model": settings.model})
 
 
 if __name__ == "__main__":

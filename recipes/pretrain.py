@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lora
 from lora.data import load_dataset
-from lora.recipe import finish, parse_settings, run
+from lora.recipe import finish, parse_settings, run, seed_everything
 
 DATA = Path(__file__).parent / "data"
 
@@ -36,18 +36,20 @@ def main(argv: list[str]) -> dict:
                                 overlong=train_cfg.overlong)
     test, _ = load_dataset(settings.eval_file, tokenizer, format="text", max_length=train_cfg.seq_len)
     print(f"train data: {stats.describe()}")
+    seed_everything(train_cfg.seed)  # A starts random: seeded, the same command gives the same adapter
     lora.inject(model, lora_cfg)
     trainer = lora.Trainer(model, train_cfg, train, eval_data=test)
     perplexity_before = trainer.evaluate()["perplexity"]
-    result = trainer.train()
-    print(f"held-out perplexity: before {perplexity_before:.2f}, after {result.perplexity:.2f}")
+    result = trainer.train()  # after Ctrl-C: interrupted, and no final evaluation (perplexity None)
+    if not result.interrupted:
+        print(f"held-out perplexity: before {perplexity_before:.2f}, after {result.perplexity:.2f}")
     if not trainer.accelerator.is_main_process:  # under `accelerate launch`, one process writes the outputs
         return {}
     return finish(model, settings.adapter_dir, train_cfg.output_dir, {
         "perplexity_before": perplexity_before, "perplexity_after": result.perplexity,
         "eval_loss": result.eval_loss, "steps": result.steps, "train_seconds": result.train_seconds,
         "tokens_per_second": result.tokens_per_second, "peak_memory_bytes": result.peak_memory_bytes,
-        "model": settings.model})
+        "interrupted": result.interrupted, "model": settings.model})
 
 
 if __name__ == "__main__":

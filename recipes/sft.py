@@ -13,7 +13,7 @@ from pathlib import Path
 import lora
 from lora.data import load_dataset, prompts_and_answers
 from lora.generate import exact_match
-from lora.recipe import finish, parse_settings, run
+from lora.recipe import finish, parse_settings, run, seed_everything
 
 DATA = Path(__file__).parent / "data"
 
@@ -47,24 +47,26 @@ def main(argv: list[str]) -> dict:
     accuracy_before, _ = exact_match(model, tokenizer, prompts, answers, settings.eval_max_new_tokens)
     print(f"held-out exact match before training: {accuracy_before:.1%}")
 
+    seed_everything(train_cfg.seed)  # A starts random: seeded, the same command gives the same adapter
     lora.inject(model, lora_cfg)
     print("trainable parameters: {trainable:,} of {total:,} ({percent:.2f}%)".format(**lora.parameter_count(model)))
     trainer = lora.Trainer(model, train_cfg, train, eval_data=eval_examples, exact_match_data=(prompts, answers),
-                           tokenizer=tokenizer)
+                           tokenizer=tokenizer, exact_match_max_new_tokens=settings.eval_max_new_tokens)
     result = trainer.train()
 
-    accuracy_after = result.exact_match
-    print(f"held-out exact match after training: {accuracy_after:.1%}")
-    _, shown = exact_match(model, tokenizer, prompts[:3], answers[:3], settings.eval_max_new_tokens)
-    for prompt, answer, got in zip(prompts, answers, shown):
-        print(f"  {prompt.splitlines()[-1][:70]!r} -> {got!r} (expected {answer!r})")
+    accuracy_after = result.exact_match  # None after Ctrl-C: an interrupted run skips the final evaluation
+    if not result.interrupted:
+        print(f"held-out exact match after training: {accuracy_after:.1%}")
+        _, shown = exact_match(model, tokenizer, prompts[:3], answers[:3], settings.eval_max_new_tokens)
+        for prompt, answer, got in zip(prompts, answers, shown):
+            print(f"  {prompt.splitlines()[-1][:70]!r} -> {got!r} (expected {answer!r})")
     if not trainer.accelerator.is_main_process:  # under `accelerate launch`, one process writes the outputs
         return {}
     metrics = finish(model, settings.adapter_dir, train_cfg.output_dir, {
         "accuracy_before": accuracy_before, "accuracy_after": accuracy_after, "eval_loss": result.eval_loss,
         "perplexity": result.perplexity, "train_loss": result.train_loss, "steps": result.steps,
         "train_seconds": result.train_seconds, "tokens_per_second": result.tokens_per_second,
-        "peak_memory_bytes": result.peak_memory_bytes, "model": settings.model})
+        "peak_memory_bytes": result.peak_memory_bytes, "interrupted": result.interrupted, "model": settings.model})
     print(f"try it:     lora generate --model {settings.model} --adapter {metrics['adapter']} --prompt '...' "
           f"--temperature 0\nexport it:  lora export gguf --model {settings.model} --adapter {metrics['adapter']} "
           f"--out exports/model.gguf   (or: lora merge ... --out exports/merged)")

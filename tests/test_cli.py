@@ -29,3 +29,20 @@ def test_generate_with_an_adapter_matches_the_library(tmp_path, capsys):
 def test_errors_exit_2_with_the_message(capsys, tmp_path):
     assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "lora generate: error: no model" in capsys.readouterr().err
+
+
+def test_a_file_error_is_one_line_and_exit_2(capsys, tmp_path):
+    tok = make_char_tokenizer()
+    model = make_llama_for(tok)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    lora.inject(model, lora.LoraConfig(r=2))
+    lora.save_adapter(model, tmp_path / "ad")
+    (tmp_path / "file").write_text("a file where the output folder's parent should be\n")
+    capsys.readouterr()
+    code = main(["merge", "--model", str(tmp_path / "m"), "--adapter", str(tmp_path / "ad"),
+                 "--out", str(tmp_path / "file" / "merged")])  # an OSError while writing
+    assert code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("lora merge: error: [Errno") and str(tmp_path / "file") in lines[0]

@@ -72,3 +72,26 @@ def test_help_lists_every_setting_with_its_default(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "  learning_rate (float) = 0.001" in out and "  limit (int | None) = None" in out and "  r (int) = 4" in out
+
+
+@pytest.mark.parametrize("value, targets", [
+    ("q_proj,v_proj", ("q_proj", "v_proj")),
+    ("q_proj, v_proj", ("q_proj", "v_proj")),
+    ("q_proj", ("q_proj",)),
+    ("self_attn.q_proj,mlp.up_proj", ("self_attn.q_proj", "mlp.up_proj")),
+    ("all-linear", "all-linear"),
+    (r".*\.(q|v)_proj", r".*\.(q|v)_proj"),
+    (r"model\.layers\.0\..*", r"model\.layers\.0\..*"),
+    ("[q_proj, k_proj]", ("q_proj", "k_proj")),
+])
+def test_targets_on_the_command_line_are_a_list_of_names_or_a_regex(value, targets):
+    assert parse_settings(Demo, [f"targets={value}"])[1].targets == targets
+
+
+def test_comma_separated_targets_from_the_command_line_match_modules():
+    import lora
+    from conftest import make_llama
+
+    _, lora_cfg, _ = parse_settings(Demo, ["targets=q_proj,v_proj"])
+    wrapped = lora.inject(make_llama(), lora_cfg)
+    assert {path.rsplit(".", 1)[-1] for path in wrapped} == {"q_proj", "v_proj"}

@@ -1,10 +1,18 @@
 """The recipe scripts end to end on a tiny model folder: they learn, save the adapter and write metrics.json."""
 
 import json
+import os
+import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora
 
 from conftest import make_llama_for, make_char_tokenizer
 
@@ -72,3 +80,66 @@ def test_pretrain_recipe_lowers_perplexity(tmp_path, tiny_model_dir):
 def test_recipe_rejects_unknown_settings(tiny_model_dir):
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['epoch'\]"):
         sft.main([f"model={tiny_model_dir}", "epoch=3"])
+
+
+SFT_ROWS = [{"instruction": "First word?", "input": f"{w} {v}", "output": w} for w in ("red", "blue") for v in
+            ("pink", "green")]
+
+
+def sft_args(tmp_path, model_dir, name, *extra):
+    data = write(tmp_path / "t.jsonl", SFT_ROWS)
+    return [f"model={model_dir}", f"train_file={data}", f"eval_file={data}", f"output_dir={tmp_path / name}",
+            f"adapter_dir={tmp_path / name / 'adapter'}", "batch_size=2", "grad_accum=1", "seq_len=64", *extra]
+
+
+def test_the_same_sft_command_gives_the_same_adapter(tmp_path, tiny_model_dir):
+    adapters = []
+    for run, seed in (("one", 1), ("two", 2)):
+        torch.manual_seed(seed)  # as two processes would, each with its own random state
+        sft.main(sft_args(tmp_path, tiny_model_dir, run, "max_steps=2", "eval_max_new_tokens=2"))
+        adapters.append(load_file(tmp_path / run / "adapter" / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    for key, value in adapters[0].items():
+        assert torch.equal(value, adapters[1][key]), key
+
+
+@pytest.mark.parametrize("recipe", ["sft", "pretrain", "classify"])
+def test_a_recipe_stopped_by_ctrl_c_saves_its_adapter_and_metrics(tmp_path, tiny_model_dir, monkeypatch, recipe):
+    backward_window = lora.Trainer._backward_window
+
+    def ctrl_c_in_the_first_step(trainer, micro_batches):
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, in the middle of step 1
+        return backward_window(trainer, micro_batches)
+
+    monkeypatch.setattr(lora.Trainer, "_backward_window", ctrl_c_in_the_first_step)
+    if recipe == "sft":
+        argv = sft_args(tmp_path, tiny_model_dir, "run", "max_steps=5", "eval_max_new_tokens=2")
+    else:
+        rows = ([{"text": "the cat sat on the mat."}] * 8 if recipe == "pretrain" else
+                [{"text": f"WIN {i}", "label": "spam"} for i in range(4)] + [{"text": f"at {i}", "label": "ham"}
+                                                                              for i in range(4)])
+        data = write(tmp_path / "t.jsonl", rows)
+        argv = [f"model={tiny_model_dir}", f"train_file={data}", f"eval_file={data}", f"output_dir={tmp_path / 'run'}",
+                f"adapter_dir={tmp_path / 'run' / 'adapter'}", "batch_size=2", "seq_len=64", "max_steps=5"]
+    metrics = {"sft": sft, "pretrain": pretrain, "classify": classify}[recipe].main(argv)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved == metrics and saved["interrupted"] is True and saved["steps"] == 1
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step-0000001").is_dir()  # resume=true continues from here
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("output_dir={file}/run", r"error: \[Errno (17|20)\] (File exists|Not a directory): '.*file"),  # an OSError
+    ("learning_rate=1e30", r"error: the training loss became (nan|inf) at step 2; .*resume=True"),
+])
+def test_a_recipe_that_fails_prints_one_error_line(tmp_path, tiny_model_dir, setting, message):
+    (tmp_path / "file").write_text("a file where a folder should go: writing the checkpoint fails\n")
+    argv = sft_args(tmp_path, tiny_model_dir, "run", "max_steps=3", "max_grad_norm=none", "eval_max_new_tokens=1",
+                    setting.format(file=tmp_path / "file"))
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "sft.py"), *argv], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and proc.stderr.splitlines()[-1] == errors[0], proc.stderr[-3000:]
+    assert re.match(message, errors[0]), errors[0]

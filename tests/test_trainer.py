@@ -260,3 +260,147 @@ def test_generation_exact_match_is_reported_during_and_after_training(tmp_path):
     assert any("exact_match" in h for h in trainer.history)  # also at the eval_every steps
     with pytest.raises(ValueError, match="exact_match_data needs the model's tokenizer"):
         Trainer(model, cfg, examples, exact_match_data=(prompts, answers))
+
+
+def counting_examples(n: int = 32, vocab: int = 64) -> list[dict]:
+    """Sequences that count upwards modulo ``vocab``, of lengths 8 to 15 (so rows are padded)."""
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for i in range(n):
+        start, length = int(torch.randint(0, vocab, (1,), generator=g)), 8 + i % 8
+        ids = [(start + t) % vocab for t in range(length)]
+        examples.append({"input_ids": ids, "targets": ids[1:] + [-100]})
+    return examples
+
+
+def test_a_hand_written_gpt_trains_through_the_trainer(tmp_path, capsys):
+    from tiny_gpt import TinyGPT
+
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=64, dim=32, n_layers=2, block_size=32)  # forward(idx): no input_ids=, no position_ids
+    lora.inject(model, lora.LoraConfig(r=8, alpha=16))
+    examples = counting_examples()
+    cfg = TrainConfig(output_dir=str(tmp_path), seq_len=32, batch_size=8, epochs=10, learning_rate=1e-2,
+                      warmup_ratio=0.0, schedule="constant")
+    trainer = Trainer(model, cfg, examples, eval_data=examples[:8])
+    notice = [line for line in capsys.readouterr().out.splitlines() if "packing off" in line]
+    assert len(notice) == 1 and "TinyGPT.forward takes no position_ids" in notice[0]
+    assert trainer.rows is examples  # padded rows, one example each
+    before = trainer.evaluate()["eval_loss"]
+    result = trainer.train()
+    assert result.eval_loss < 0.7 * before, (before, result.eval_loss)
+    assert all(v.abs().sum() > 0 for k, v in lora.adapter_state_dict(model).items() if "lora_B" in k)
+
+
+def test_a_hand_written_gpt_that_takes_position_ids_is_packed(tmp_path):
+    from tiny_gpt import TinyGPT
+
+    class PositionedGPT(TinyGPT):
+        def forward(self, idx, position_ids=None):
+            self.seen_positions = position_ids
+            x = self.tok(idx) + self.pos(position_ids)  # (B, T, C)
+            for block in self.blocks:
+                x = block(x)
+            return self.head(self.ln_f(x))
+
+    torch.manual_seed(0)
+    model = PositionedGPT(vocab=64, dim=32, n_layers=1, block_size=32)
+    lora.inject(model, lora.LoraConfig(r=4))
+    examples = counting_examples()
+    trainer = Trainer(model, TrainConfig(output_dir=str(tmp_path), seq_len=32, batch_size=2), examples)
+    assert len(trainer.rows) < len(examples)  # packed
+    batch = trainer._batch(trainer.rows[:2])
+    loss, n = trainer._loss_sum(batch)
+    assert torch.isfinite(loss) and n > 0
+    assert torch.equal(model.seen_positions, batch["position_ids"])  # restarting positions reached the model
+
+
+def test_optimizer_state_is_matched_by_parameter_name_on_resume(tmp_path):
+    train = dict(max_steps=4, batch_size=2, learning_rate=5e-3)
+    model, _, examples, cfg = setup(tmp_path / "a", **train)
+    Trainer(model, cfg, examples).train()
+    uninterrupted = lora.adapter_state_dict(model)
+
+    def stop_at_2(trainer, step, metrics):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    model, _, examples, cfg = setup(tmp_path / "b", **train)
+    trainer = Trainer(model, cfg, examples, callbacks=[stop_at_2])
+    trainer.optimizer.param_groups[0]["params"].reverse()  # the optimizer's order is no longer the model's
+    assert trainer.train().steps == 2
+    model, _, examples, cfg = setup(tmp_path / "b", resume=True, **train)  # the model's own order again
+    assert Trainer(model, cfg, examples).train().steps == 4
+    for k, v in lora.adapter_state_dict(model).items():
+        assert torch.equal(v, uninterrupted[k]), k
+
+
+def test_a_checkpoint_with_optimizer_state_for_other_parameters_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    model, _, examples, cfg = setup(tmp_path, max_steps=1, batch_size=2)
+    Trainer(model, cfg, examples).train()
+    state_file = tmp_path / "out" / "checkpoints" / "step-0000001" / "state.safetensors"
+    tensors = load_file(state_file)
+    renamed = {k.replace("layers.1.mlp.down_proj", "layers.1.mlp.up_proj_old"): v for k, v in tensors.items()}
+    assert renamed != tensors
+    save_file(renamed, str(state_file))
+    model, _, examples, cfg = setup(tmp_path, max_steps=1, batch_size=2, resume=True)
+    with pytest.raises(ValueError, match=r"step-0000001 holds optimizer state for other parameters .*up_proj_old"
+                                         r".*resume=False"):
+        Trainer(model, cfg, examples).train()
+
+
+@pytest.fixture
+def other_precision():
+    """accelerate fixes mixed precision once per process: let a test choose another, and put it back after."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_trainable_parameters_of_a_bf16_model_are_kept_and_updated_in_fp32(tmp_path, other_precision):
+    from conftest import make_gpt2
+
+    model = make_gpt2().to(torch.bfloat16)  # GPT-2: biases in Conv1D and LayerNorm layers
+    lora.inject(model, lora.LoraConfig(r=2, bias="all"))
+    bias = model.transformer.h[0].attn.c_attn.base_layer.bias
+    with torch.no_grad():
+        bias.fill_(1.0)  # bf16 holds 1.0 exactly, and nothing within 1/256 of it
+    examples = counting_examples(n=4)
+    cfg = TrainConfig(output_dir=str(tmp_path), precision="bf16", max_steps=1, batch_size=4, seq_len=32,
+                      learning_rate=1e-4, warmup_ratio=0.0, weight_decay=0.0)
+    trainer = Trainer(model, cfg, examples)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert any(p is bias for p in trainable) and all(p.dtype == torch.float32 for p in trainable)
+    trainer.train()
+    moved = bias.detach() != 1.0
+    assert moved.float().mean() > 0.9  # AdamW's first step moves each entry by about lr
+    assert (bias.detach() - 1.0).abs().max() <= 1.01e-4
+    assert bool((bias.detach().to(torch.bfloat16) == 1.0).all())  # bf16 storage would have kept none of it
+
+
+def test_half_precision_trainable_parameters_without_autocast_are_refused(tmp_path):
+    from conftest import make_gpt2
+
+    model = make_gpt2().to(torch.bfloat16)
+    lora.inject(model, lora.LoraConfig(r=2, bias="all"))
+    with pytest.raises(ValueError, match=r"are torch.bfloat16, and precision='fp32' trains without autocast.*"
+                                         r"set precision='bf16'"):
+        Trainer(model, TrainConfig(output_dir=str(tmp_path), precision="fp32"), counting_examples(n=4))
+
+
+def test_exact_match_generates_exact_match_max_new_tokens(tmp_path):
+    from lora.generate import exact_match
+
+    model, tok, examples, cfg = setup(tmp_path)
+    prompts = [f"Reverse\n\n{w}" for w in WORDS[:6]]
+    _, three_tokens = exact_match(model, tok, prompts, ["?"] * len(prompts), max_new_tokens=3)
+    # the model's own 3-token answers: right only when generation stops after 3 tokens
+    default = Trainer(model, cfg, examples, exact_match_data=(prompts, three_tokens), tokenizer=tok)
+    assert default.evaluate()["exact_match"] < 1.0
+    limited = Trainer(model, cfg, examples, exact_match_data=(prompts, three_tokens), tokenizer=tok,
+                      exact_match_max_new_tokens=3)
+    assert limited.evaluate()["exact_match"] == 1.0

@@ -37,7 +37,8 @@ def _generate(args: argparse.Namespace) -> None:
 def _merge(args: argparse.Namespace) -> None:
     from .export import export_merged
 
-    out = export_merged(args.model, args.adapter, args.out, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    out = export_merged(args.model, args.adapter, args.out, max_shard_bytes=int(args.max_shard_gb * 1024**3),
+                        check_base=not args.no_check_base)
     print(f"merged model written to {out}  (AutoModelForCausalLM.from_pretrained('{out}') or vLLM)")
 
 
@@ -49,10 +50,11 @@ def _export_gguf(args: argparse.Namespace) -> None:
         if not args.adapter:
             raise ValueError("--adapter-only needs --adapter DIR")
         export_gguf(args.model, out, None, args.dtype)
-        adapter_file = export_adapter_gguf(args.model, args.adapter, out.with_name(f"{out.stem}.adapter.gguf"))
+        adapter_file = export_adapter_gguf(args.model, args.adapter, out.with_name(f"{out.stem}.adapter.gguf"),
+                                           check_base=not args.no_check_base)
         print(f"base {out} and adapter {adapter_file} written")
     else:
-        export_gguf(args.model, out, args.adapter, args.dtype)
+        export_gguf(args.model, out, args.adapter, args.dtype, check_base=not args.no_check_base)
         adapter_file = None
         print(f"{out} written ({args.dtype}{', adapter merged' if args.adapter else ''})")
     modelfile = write_modelfile(args.model, out, args.temperature, adapter_file)
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="adapter folder (ours or PEFT's)")
     merge.add_argument("--out", required=True, help="output folder")
     merge.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (GiB)")
+    merge.add_argument("--no-check-base", action="store_true",
+                       help="merge even if the adapter's base-model fingerprint does not match --model")
     merge.set_defaults(run=_merge)
 
     export = commands.add_parser("export", help="export for other runtimes")
@@ -93,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     gguf.add_argument("--adapter-only", action="store_true",
                       help="write the base and the adapter as separate GGUF files (Ollama's ADAPTER line)")
     gguf.add_argument("--temperature", type=float, default=0.7, help="PARAMETER temperature in the Modelfile")
+    gguf.add_argument("--no-check-base", action="store_true",
+                      help="export even if the adapter's base-model fingerprint does not match --model")
     gguf.set_defaults(run=_export_gguf)
     return parser
 

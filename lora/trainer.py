@@ -72,6 +72,8 @@ class TrainConfig:
         logger: ``"tensorboard"`` to write TensorBoard scalars (through accelerate's trackers), or ``"none"``.
         resume: Continue from the newest checkpoint in ``output_dir`` if there is one.
         loss_chunk: Target positions per chunk when applying the output head and cross-entropy.
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): the B matrices learn at this multiple of the learning rate
+            (the paper suggests about 16); 1.0 is plain LoRA.
     """
 
     learning_rate: float = 1e-3
@@ -98,6 +100,7 @@ class TrainConfig:
     logger: str = "none"
     resume: bool = False
     loss_chunk: int = 1024
+    loraplus_lr_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         def check(ok: bool, field: str, allowed: str) -> None:
@@ -117,6 +120,7 @@ class TrainConfig:
         check(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
         check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "None or > 0")
+        check(self.loraplus_lr_ratio > 0, "loraplus_lr_ratio", "> 0")
         check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
         check(self.overlong in ("truncate", "drop"), "overlong", "'truncate' or 'drop'")
         check(self.logger in LOGGERS, "logger", f"one of {LOGGERS}")
@@ -363,8 +367,12 @@ class Trainer:
                                  "(gradient_checkpointing_enable); turn it off for this model")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # LoRA+: B in a group of its own at loraplus_lr_ratio x the learning rate; "lr_ratio" scales the schedule.
+        groups = [{"params": [p for n, p in trainable if ".lora_B." not in n], "lr_ratio": 1.0},
+                  {"params": [p for n, p in trainable if ".lora_B." in n], "lr_ratio": config.loraplus_lr_ratio}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
         self.model = model
         self.loss_module, self.optimizer = self.accelerator.prepare(
             BatchLoss(model, self.classification, config.loss_chunk), self.optimizer)
@@ -472,7 +480,8 @@ class Trainer:
                 if cfg.max_grad_norm is not None:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = cfg.learning_rate * lr_factor(self.step, self.total_steps, cfg)
+                    factor = lr_factor(self.step, self.total_steps, cfg)
+                    group["lr"] = cfg.learning_rate * group["lr_ratio"] * factor
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
@@ -720,7 +729,7 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str
                          f"(e.g. {sorted(set(entries) ^ expected)[:3]}); use another output_dir or resume=False")
     state = {index: entries[name] for index, name in pairs if name in entries}
     sd = optimizer.state_dict()
-    groups = [{**saved, "params": g["params"]} for saved, g in zip(meta["param_groups"], sd["param_groups"])]
+    groups = [{**g, **saved, "params": g["params"]} for saved, g in zip(meta["param_groups"], sd["param_groups"])]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -3,8 +3,13 @@ its adapters switched off (:func:`lora.disabled`), never a second copy of the we
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+from .data import IGNORE, DataStats, tokenize_chat
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -24,4 +29,57 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return -F.logsigmoid(beta * margin).mean()
 
 
-__all__ = ["dpo_loss"]
+def _completion(tokenizer, prompt: str, answer: str, max_length: int | None) -> dict | None:
+    """The prompt (as a user turn) and one answer, tokenized with the loss on the answer only; None if cut away."""
+    ids, labels = tokenize_chat(tokenizer, [{"role": "user", "content": prompt},
+                                            {"role": "assistant", "content": answer}])
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    targets = labels[1:] + [IGNORE]  # position t predicts token t+1
+    return {"input_ids": ids, "targets": targets} if any(t != IGNORE for t in targets) else None
+
+
+def load_preferences(path: str | Path, tokenizer, max_length: int | None = None) -> tuple[list[dict], DataStats]:
+    """Read preference pairs from JSONL (``{"prompt", "chosen", "rejected"}`` per line) and tokenize them.
+
+    Returns:
+        ``(pairs, stats)``: each pair is ``{"chosen": example, "rejected": example}``, an example being
+        ``input_ids`` + ``targets`` with the loss on the answer; a pair either of whose answers is cut away by
+        ``max_length`` is dropped and counted.
+
+    Raises:
+        ValueError: ``file:line`` and what is wrong there, or no pair left.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"preference file {path} does not exist")
+    pairs, stats = [], DataStats()
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
+                                                       for k in ("prompt", "chosen", "rejected")):
+                raise ValueError(f"{path}:{lineno}: a preference record needs the strings 'prompt', 'chosen' and "
+                                 f"'rejected'; found {sorted(record) if isinstance(record, dict) else record!r}")
+            stats.examples += 1
+            chosen = _completion(tokenizer, record["prompt"], record["chosen"], max_length)
+            rejected = _completion(tokenizer, record["prompt"], record["rejected"], max_length)
+            if chosen is None or rejected is None:
+                stats.dropped += 1
+                continue
+            pairs.append({"chosen": chosen, "rejected": rejected})
+            for example in (chosen, rejected):
+                stats.tokens += len(example["input_ids"])
+                stats.target_tokens += sum(t != IGNORE for t in example["targets"])
+    if not pairs:
+        raise ValueError(f"{path} holds no usable preference pair ({stats.describe()}); check the file, or raise "
+                         f"max_length")
+    return pairs, stats
+
+
+__all__ = ["dpo_loss", "load_preferences"]

@@ -33,7 +33,8 @@ from .adapter_io import save_adapter
 from .atomic import atomic_dir
 from .data import IGNORE, collate, model_inputs, pack
 from .generate import exact_match
-from .inject import adapters_of
+from .dpo import dpo_loss
+from .inject import adapters_of, disabled
 from .layers import is_linear_like
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -74,6 +75,8 @@ class TrainConfig:
         loss_chunk: Target positions per chunk when applying the output head and cross-entropy.
         loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): the B matrices learn at this multiple of the learning rate
             (the paper suggests about 16); 1.0 is plain LoRA.
+        dpo_beta: DPO's beta, for preference data (pairs from :func:`lora.dpo.load_preferences`): how far the
+            policy may move from the reference, which is the same model with its adapters off.
     """
 
     learning_rate: float = 1e-3
@@ -101,6 +104,7 @@ class TrainConfig:
     resume: bool = False
     loss_chunk: int = 1024
     loraplus_lr_ratio: float = 1.0
+    dpo_beta: float = 0.1
 
     def __post_init__(self) -> None:
         def check(ok: bool, field: str, allowed: str) -> None:
@@ -121,6 +125,7 @@ class TrainConfig:
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
         check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "None or > 0")
         check(self.loraplus_lr_ratio > 0, "loraplus_lr_ratio", "> 0")
+        check(self.dpo_beta > 0, "dpo_beta", "> 0")
         check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
         check(self.overlong in ("truncate", "drop"), "overlong", "'truncate' or 'drop'")
         check(self.logger in LOGGERS, "logger", f"one of {LOGGERS}")
@@ -142,6 +147,7 @@ class TrainResult:
     exact_match: float | None = None
     interrupted: bool = False
     checkpoint: str | None = None
+    eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # all of the final evaluate()
 
 
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
@@ -227,20 +233,28 @@ class BatchLoss(nn.Module):
 
     It is this module, not the bare model, that accelerate wraps for DDP/FSDP, so the whole differentiated forward
     (including the hidden-states-then-head shortcut) runs inside the wrapper and gradients are synchronised.
+
+    ``task`` is ``"lm"`` (token cross-entropy), ``"classification"`` (one label per example) or ``"preference"``
+    (DPO over pairs: a batch holds the chosen completions, then the rejected ones, row for row).
     """
 
-    def __init__(self, model: nn.Module, classification: bool, loss_chunk: int):
+    def __init__(self, model: nn.Module, task: str, loss_chunk: int, dpo_beta: float = 0.1):
         super().__init__()
         self.model = model
-        self.classification = classification
+        self.task = task
         self.loss_chunk = loss_chunk
-        self.parts = None if classification else _head_and_decoder(model)
+        self.dpo_beta = dpo_beta
+        self.parts = None if task == "classification" else _head_and_decoder(model)
         self.takes = _forward_takes(model)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.classification:
+        if self.task == "classification":
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        if self.task == "preference":
+            policy, reference = self.pair_logps(batch)
+            n = len(policy) // 2
+            return dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.dpo_beta) * n  # summed
         targets = batch["targets"]
         if self.parts is None:
             out = self._run_model(batch)
@@ -257,6 +271,34 @@ class BatchLoss(nn.Module):
             logits = head(hidden[start:start + self.loss_chunk]).float()
             total = total + F.cross_entropy(logits, wanted[start:start + self.loss_chunk], reduction="sum")
         return total
+
+    def pair_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's summed target log-probability under the policy and, without gradients, under the reference:
+        the same model with its adapters switched off (never a second copy of the weights)."""
+        policy = self.target_logps(batch)
+        with torch.no_grad(), disabled(self.model):
+            reference = self.target_logps(batch)
+        return policy, reference
+
+    def target_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(rows,)``: the summed log-probability of each row's target tokens."""
+        targets = batch["targets"]
+        keep = targets != IGNORE
+        row_of = keep.nonzero()[:, 0]  # (N,) the row of every position that carries a label
+        wanted = targets[keep]
+        if self.parts is None:
+            out = self._run_model(batch)
+            hidden, head = (out if isinstance(out, torch.Tensor) else out.logits)[keep], None  # (N, vocab)
+        else:
+            decoder, head = self.parts
+            hidden = decoder(**model_inputs(batch)).last_hidden_state[keep]  # (N, H)
+        pieces = []
+        for start in range(0, len(wanted), self.loss_chunk):
+            chunk = hidden[start:start + self.loss_chunk]
+            logits = (chunk if head is None else head(chunk)).float()
+            pieces.append(-F.cross_entropy(logits, wanted[start:start + self.loss_chunk], reduction="none"))
+        token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+        return token_logps.new_zeros(len(targets)).index_add(0, row_of, token_logps)
 
     def _run_model(self, batch: dict[str, torch.Tensor]) -> Any:
         """The model's output on a batch, called the way its forward asks (issue 9: hand-written GPTs)."""
@@ -334,7 +376,9 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         if not train_data:
             raise ValueError("train_data is empty")
-        self.classification = "label" in train_data[0]
+        first = train_data[0]
+        self.task = "classification" if "label" in first else "preference" if "chosen" in first else "lm"
+        self.classification = self.task == "classification"
         if pad_id is None:
             pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
         self.pad_id = 0 if pad_id is None else int(pad_id)
@@ -352,7 +396,7 @@ class Trainer:
             mixed_precision=mixed_precision,
             log_with="tensorboard" if config.logger == "tensorboard" else None,
             project_dir=str(self.output_dir))
-        packing = config.packing and not self.classification
+        packing = config.packing and self.task == "lm"
         if packing and "position_ids" not in _forward_takes(model):
             # Packed examples are kept apart by positions that restart; a forward without position_ids would let
             # them attend to each other, so such a model trains on padded rows of one example each.
@@ -374,8 +418,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.model = model
-        self.loss_module, self.optimizer = self.accelerator.prepare(
-            BatchLoss(model, self.classification, config.loss_chunk), self.optimizer)
+        # The objective itself, for evaluation; accelerate's wrapper of it (DDP/FSDP) is what training calls.
+        self.objective = BatchLoss(model, self.task, config.loss_chunk, config.dpo_beta)
+        self.loss_module, self.optimizer = self.accelerator.prepare(self.objective, self.optimizer)
         self.world = self.accelerator.num_processes
         self.rows_per_step = config.batch_size * config.grad_accum * self.world
         self.steps_per_epoch = max(1, len(self.rows) // self.rows_per_step)
@@ -395,18 +440,26 @@ class Trainer:
             mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
             batch = {"input_ids": batch["input_ids"], "attention_mask": mask, "real_tokens": batch["real_tokens"],
                      "labels": torch.tensor([r["label"] for r in rows])}
+        elif self.task == "preference":  # the chosen completions, then the rejected ones, row for row
+            batch = collate([r["chosen"] for r in rows] + [r["rejected"] for r in rows], self.pad_id)
+            batch["pairs"] = torch.tensor(len(rows))
         else:
             batch = collate(rows, self.pad_id)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def _terms(self, batch: dict[str, torch.Tensor]) -> int:
-        """How many loss terms a batch holds: examples for classification, target tokens otherwise."""
+        """How many loss terms a batch holds: examples for classification, pairs for preferences, else target
+        tokens."""
+        if self.task == "preference":
+            return int(batch["pairs"])
         return len(batch["labels"]) if self.classification else int((batch["targets"] != IGNORE).sum())
 
     @torch.no_grad()
     def evaluate(self, data: list[dict] | None = None) -> dict[str, float]:
         """Mean loss and perplexity over ``data`` (default: the eval data); accuracy for classification; exact
-        match when the trainer has ``exact_match_data``."""
+        match when the trainer has ``exact_match_data``; for preference pairs, ``preference_accuracy`` (the share
+        of pairs whose chosen completion has the higher log-probability under the model) and ``reward_margin``
+        (DPO's implicit reward of chosen minus rejected, ``beta`` times the log-ratios to the reference)."""
         result = {}
         if self.exact_match_data is not None:
             prompts, answers = self.exact_match_data
@@ -418,7 +471,7 @@ class Trainer:
         model = self.model
         was_training = model.training
         model.eval()
-        total, count, correct = 0.0, 0, 0
+        total, count, correct, margin = 0.0, 0, 0, 0.0
         with self.accelerator.autocast():
             for i in range(0, len(data), self.cfg.batch_size):
                 batch = self._batch(data[i:i + self.cfg.batch_size])
@@ -427,11 +480,24 @@ class Trainer:
                     total += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
                     correct += int((logits.argmax(-1) == batch["labels"]).sum())
                     count += len(batch["labels"])
+                elif self.task == "preference":
+                    policy, reference = self.objective.pair_logps(batch)
+                    n = len(policy) // 2
+                    rewards = self.cfg.dpo_beta * (policy - reference)  # (2n,)
+                    total += float(dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:],
+                                            self.cfg.dpo_beta)) * n
+                    correct += int((policy[:n] > policy[n:]).sum())
+                    margin += float((rewards[:n] - rewards[n:]).sum())
+                    count += n
                 else:
                     loss, n = self._loss_sum(batch)
                     total, count = total + float(loss), count + n
         model.train(was_training)
         result["eval_loss"] = total / max(count, 1)
+        if self.task == "preference":
+            result["preference_accuracy"] = correct / max(count, 1)
+            result["reward_margin"] = margin / max(count, 1)
+            return result
         result["perplexity"] = math.exp(min(result["eval_loss"], 50.0))  # capped so a diverged model cannot overflow
         if self.classification:
             result["accuracy"] = correct / max(count, 1)
@@ -525,7 +591,8 @@ class Trainer:
                            perplexity=final.get("perplexity"), exact_match=final.get("exact_match"),
                            tokens_per_second=tokens_seen / max(train_seconds, 1e-9),
                            peak_memory_bytes=_peak_memory_bytes(acc.device), train_seconds=train_seconds,
-                           interrupted=interrupted, checkpoint=str(checkpoint) if checkpoint else None)
+                           interrupted=interrupted, checkpoint=str(checkpoint) if checkpoint else None,
+                           eval_metrics=final)
 
     def _backward_window(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int, int]:
         """Accumulate the gradients of one optimizer step; returns (summed loss, loss terms, real tokens), global.

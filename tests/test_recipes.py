@@ -143,3 +143,21 @@ def test_a_recipe_that_fails_prints_one_error_line(tmp_path, tiny_model_dir, set
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and proc.stderr.splitlines()[-1] == errors[0], proc.stderr[-3000:]
     assert re.match(message, errors[0]), errors[0]
+
+
+def test_dpo_recipe_learns_the_preferences_with_the_adapter_off_as_reference(tmp_path, tiny_model_dir):
+    import dpo
+
+    # preferring a word from the prompt over an unrelated one: learnable by a tiny model in a few steps
+    words = ["red", "blue", "green", "pink", "gray", "teal"]
+    rows = [{"prompt": f"Say {w}", "chosen": w, "rejected": v} for w in words for v in words if v != w]
+    out = tmp_path / "run"
+    metrics = dpo.main([f"model={tiny_model_dir}", f"train_file={write(tmp_path / 't.jsonl', rows)}",
+                        f"eval_file={write(tmp_path / 'e.jsonl', rows)}", f"output_dir={out}",
+                        f"adapter_dir={tmp_path / 'adapter'}", "epochs=6", "learning_rate=1e-2", "batch_size=6",
+                        "grad_accum=1", "seq_len=64", "dpo_beta=0.5"])
+    assert metrics["preference_accuracy_before"] < 0.75
+    assert metrics["preference_accuracy_after"] >= 0.95 and metrics["reward_margin_after"] > 0
+    assert json.loads((out / "metrics.json").read_text())["preference_accuracy_after"] == \
+        metrics["preference_accuracy_after"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -6,6 +6,8 @@
                               customer message. Answers are exact strings, so accuracy is exact match.
 - spam_{train,eval}.jsonl     text/label: short SMS messages labelled "spam" or "ham".
 - notes_{train,eval}.jsonl    plain text: short support-desk notes, for continued pre-training.
+- prefs_{train,eval}.jsonl    preference pairs (prompt, chosen, rejected) for DPO: the requested field of a customer
+                              message is chosen, another field of the same message rejected.
 """
 
 import json
@@ -74,6 +76,17 @@ def extraction_example(rng: random.Random) -> dict:
             "input": message, "output": values[field]}
 
 
+def preference_example(rng: random.Random) -> dict:
+    """A prompt whose right answer is one field of the message; the rejected answer is another of its fields."""
+    values = {"order": order_number(rng), "name": f"{rng.choice(FIRST)} {rng.choice(LAST)}",
+              "city": rng.choice(CITIES)}
+    message = rng.choice(MESSAGES).format(product=rng.choice(PRODUCTS), issue=rng.choice(ISSUES), **values)
+    field, wrong = rng.sample(list(FIELDS), 2)
+    return {"prompt": f"Extract the {FIELDS[field]} from this customer message. Reply with the {FIELDS[field]} "
+                      f"only.\n\n{message}",
+            "chosen": values[field], "rejected": values[wrong]}
+
+
 def fill(template: str, rng: random.Random) -> str:
     return template.format(**{k: rng.choice(v) for k, v in FILL.items()})
 
@@ -100,6 +113,11 @@ def main() -> None:
         notes.append({"text": f"Ticket: {ex['input']} Resolution: replacement sent to the customer."})
     write("notes_train.jsonl", notes[:400])
     write("notes_eval.jsonl", notes[400:])
+
+    prefs = random.Random(5678)  # its own stream: the files above stay as they were
+    pairs = [preference_example(prefs) for _ in range(500)]
+    write("prefs_train.jsonl", pairs[:400])
+    write("prefs_eval.jsonl", pairs[400:])
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ is taken: prompt tokens, padding, and each example's last position, so packed ex
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +56,9 @@ def _check_record(record: dict, fmt: str) -> str | None:
         if not is_str("text") or not record["text"]:
             return "'text' must be a non-empty string"
     elif fmt == "classification":
-        if not is_str("text") or not isinstance(record.get("label"), (str, int)) or isinstance(record["label"], bool):
-            return "'text' must be a string and 'label' a string or an integer"
+        if not is_str("text") or not record["text"] or not isinstance(record.get("label"), (str, int)) \
+                or isinstance(record["label"], bool):
+            return "'text' must be a non-empty string and 'label' a string or an integer"
     elif fmt == "chat":
         messages = record.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -69,8 +71,131 @@ def _check_record(record: dict, fmt: str) -> str | None:
     return None
 
 
+MAX_LINE_BYTES = 32 * 1024**2  # one example; a longer "line" is a file that is not JSONL (or lost its newlines)
+_EXAMPLE_LINE = '{"instruction": "...", "output": "..."}'
+
+
+def _open_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each line, read as UTF-8 in binary so a bad byte or line names its line."""
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise ValueError(f"cannot read the data file {path} ({e.strerror}); check that it is a readable file") \
+            from None
+    with f:
+        lineno = 0
+        while True:
+            try:
+                raw = f.readline(MAX_LINE_BYTES + 1)
+            except OSError as e:
+                raise ValueError(f"cannot read the data file {path} ({e.strerror}); check that it is a readable "
+                                 f"file") from None
+            if not raw:
+                return
+            lineno += 1
+            where = f"{path}:{lineno}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise ValueError(f"{where}: the line is longer than {MAX_LINE_BYTES // 1024**2} MiB; a JSONL file "
+                                 f"holds one example per line (is this file JSONL, with its newlines intact?)")
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at byte {e.start + 1} of the "
+                                 f"line); save the file as UTF-8") from None
+
+
+def _unencodable(value) -> str | None:
+    """The first string inside a JSON value that is not valid text (a lone UTF-16 surrogate escape), or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _label_kind(label) -> str:
+    return "integer" if isinstance(label, int) else "string"
+
+
+def _read(path: str | Path, format: str | None) -> tuple[str, list[dict], list[int]]:
+    """:func:`read_jsonl` plus the line number of every record."""
+    path = Path(path)
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"unknown data format {format!r}; choose one of {sorted(FORMATS)}")
+    if path.is_dir():
+        raise ValueError(f"the data file {path} is a folder; pass the path of a JSONL file inside it")
+    if not path.exists():
+        raise ValueError(f"data file {path} does not exist; pass the path of a JSONL file (one JSON object per "
+                         f"line, e.g. {_EXAMPLE_LINE})")
+    if not path.is_file():
+        raise ValueError(f"the data file {path} is not a regular file (a pipe or a device?); pass a JSONL file")
+    detected = format is None
+    records, linenos = [], []
+    first_label = None  # (line, label) of the first classification label: all labels must be of one kind
+    for lineno, line in _open_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}): {line.strip()[:80]!r}; each "
+                             f"line must be one JSON object, e.g. {_EXAMPLE_LINE}") from None
+        except (ValueError, RecursionError) as e:  # e.g. an integer of thousands of digits, or deep nesting
+            raise ValueError(f"{where}: the JSON cannot be read ({e or type(e).__name__}); each line must be one "
+                             f"JSON object, e.g. {_EXAMPLE_LINE}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}; each line must be "
+                             f"one JSON object, e.g. {_EXAMPLE_LINE}")
+        record_format = detect_format(record)
+        if format is None:
+            format = record_format
+            if format is None:
+                raise ValueError(f"{where}: cannot tell the format from the keys {sorted(record)}; expected "
+                                 + "; or ".join(f"{k}: {v}" for k, v in FORMATS.items()))
+            format_line = lineno
+        problem = _check_record(record, format)
+        if record_format not in (None, format) and (detected or problem):
+            since = f"line {format_line} is" if detected else "the file is read as"
+            raise ValueError(f"{where}: this record is in the {record_format!r} format ({FORMATS[record_format]}), "
+                             f"but {since} {format!r}; one file holds one format: split the file, or convert these "
+                             f"records to {FORMATS[format]}")
+        if problem:
+            raise ValueError(f"{where}: {problem} for the {format!r} format; found keys {sorted(record)}")
+        bad = _unencodable(record)
+        if bad is not None:
+            raise ValueError(f"{where}: the string {bad[:40]!r} holds an unpaired surrogate escape (such as "
+                             f"\\ud800), which is not text; write the character itself or a valid pair")
+        if format == "classification":
+            label = record["label"]
+            if first_label is None:
+                first_label = (lineno, label)
+            elif _label_kind(label) != _label_kind(first_label[1]):
+                raise ValueError(f"{where}: label {label!r} is {_label_kind(label)}, but line {first_label[0]} has "
+                                 f"the {_label_kind(first_label[1])} label {first_label[1]!r}; use one kind for "
+                                 f"every label (all strings, or all integers)")
+        records.append(record)
+        linenos.append(lineno)
+    if not records:
+        raise ValueError(f"{path} holds no examples; a JSONL file has one JSON object per line, e.g. {_EXAMPLE_LINE}")
+    return format, records, linenos
+
+
 def read_jsonl(path: str | Path, format: str | None = None) -> tuple[str, list[dict]]:
-    """Read and validate a JSONL file; the format is detected from the first record's keys unless given.
+    """Read and validate a JSONL file (UTF-8); the format is detected from the first record's keys unless given.
+
+    Every record must be in that one format; classification labels must be all strings or all integers.
 
     Returns:
         ``(format, records)``.
@@ -78,34 +203,7 @@ def read_jsonl(path: str | Path, format: str | None = None) -> tuple[str, list[d
     Raises:
         ValueError: ``file:line``, what was found there and what was expected.
     """
-    path = Path(path)
-    if format is not None and format not in FORMATS:
-        raise ValueError(f"unknown data format {format!r}; choose one of {sorted(FORMATS)}")
-    if not path.is_file():
-        raise ValueError(f"data file {path} does not exist")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg}): {line.strip()[:80]!r}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}")
-            if format is None:
-                format = detect_format(record)
-                if format is None:
-                    raise ValueError(f"{where}: cannot tell the format from the keys {sorted(record)}; expected "
-                                     + "; or ".join(f"{k}: {v}" for k, v in FORMATS.items()))
-            problem = _check_record(record, format)
-            if problem:
-                raise ValueError(f"{where}: {problem} for the {format!r} format; found keys {sorted(record)}")
-            records.append(record)
-    if not records:
-        raise ValueError(f"{path} holds no examples")
+    format, records, _ = _read(path, format)
     return format, records
 
 
@@ -197,22 +295,37 @@ def load_dataset(path: str | Path, tokenizer, format: str | None = None, max_len
     """
     if overlong not in OVERLONG:
         raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
-    fmt, records = read_jsonl(path, format)
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length must be None or an integer >= 1, got {max_length!r}")
+    if label_names is not None and (isinstance(label_names, str) or not all(
+            isinstance(n, (str, int)) and not isinstance(n, bool) for n in label_names)):
+        raise ValueError(f"label_names must be a list of class labels (strings or integers), got {label_names!r}")
+    fmt, records, linenos = _read(path, format)
     stats = DataStats(examples=len(records))
     if fmt == "classification":
-        stats.labels = list(label_names) if label_names is not None else sorted({r["label"] for r in records}, key=str)
-        unknown = sorted({r["label"] for r in records} - set(stats.labels), key=str)
+        found = {r["label"] for r in records}  # one kind (checked by _read), so they sort: 2 before 10
+        stats.labels = list(label_names) if label_names is not None else sorted(found)
+        unknown = sorted(found - set(stats.labels), key=lambda v: (isinstance(v, str), v))
         if unknown:
-            raise ValueError(f"{path}: labels {unknown} are not among the classes {stats.labels}")
+            raise ValueError(f"{path}: labels {unknown} are not among the classes {stats.labels}; pass "
+                             f"label_names that include them (or leave label_names out)")
     examples = []
-    for record in records:
-        if fmt == "classification":
-            ids, labels = tokenizer(record["text"])["input_ids"], None
-        elif fmt == "text":
-            ids = tokenizer(record["text"])["input_ids"] + [tokenizer.eos_token_id]
-            labels = list(ids)
-        else:
-            ids, labels = tokenize_chat(tokenizer, to_messages(record, fmt), mask_prompt)
+    for record, lineno in zip(records, linenos):
+        try:
+            if fmt == "classification":
+                ids, labels = tokenizer(record["text"])["input_ids"], None
+            elif fmt == "text":
+                ids = tokenizer(record["text"])["input_ids"] + [tokenizer.eos_token_id]
+                labels = list(ids)
+            else:
+                ids, labels = tokenize_chat(tokenizer, to_messages(record, fmt), mask_prompt)
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
+        except Exception as e:
+            if type(e).__module__.startswith("jinja2"):  # a chat template's raise_exception(...)
+                raise ValueError(f"{path}:{lineno}: the tokenizer's chat template refuses this conversation ({e}); "
+                                 f"change the record to what the template accepts") from None
+            raise
         if max_length is not None and len(ids) > max_length:
             if overlong == "drop":
                 stats.dropped += 1
@@ -234,7 +347,7 @@ def load_dataset(path: str | Path, tokenizer, format: str | None = None, max_len
         stats.target_tokens += n_targets
     if not examples:
         raise ValueError(f"{path}: no example left after the over-long policy ({stats.describe()}); raise "
-                         f"max_length")
+                         f"max_length, or use overlong='truncate'")
     return examples, stats
 
 
@@ -296,12 +409,15 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 def prompts_and_answers(path: str | Path) -> tuple[list[str], list[str]]:
     """The user prompt and expected answer of every example in an instruction file (for exact match)."""
-    fmt, records = read_jsonl(path)
+    fmt, records, linenos = _read(path, None)
     if fmt not in ("alpaca", "prompt_completion", "chat"):
         raise ValueError(f"{path} is in the {fmt!r} format; exact-match evaluation needs prompts with answers")
     prompts, answers = [], []
-    for record in records:
+    for record, lineno in zip(records, linenos):
         messages = to_messages(record, fmt)
+        if len(messages) < 2 or messages[-1]["role"] != "assistant" or messages[-2]["role"] == "assistant":
+            raise ValueError(f"{path}:{lineno}: exact-match evaluation needs a conversation that ends with a prompt "
+                             f"turn and then the assistant's answer; found the roles {[m['role'] for m in messages]}")
         prompts.append(messages[-2]["content"])
         answers.append(messages[-1]["content"])
     return prompts, answers
@@ -321,5 +437,5 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | boo
     return inputs
 
 
-__all__ = ["read_jsonl", "load_dataset", "prompts_and_answers", "pack", "collate", "model_inputs", "detect_format", "tokenize_chat", "render_chat",
-           "DataStats", "FORMATS", "IGNORE"]
+__all__ = ["read_jsonl", "load_dataset", "prompts_and_answers", "pack", "collate", "model_inputs", "detect_format",
+           "tokenize_chat", "render_chat", "DataStats", "FORMATS", "IGNORE", "MAX_LINE_BYTES"]

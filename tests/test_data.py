@@ -107,6 +107,103 @@ def test_classification_labels_become_class_indices(tmp_path, char_tokenizer):
         load_dataset(path, char_tokenizer, label_names=["ham"])
 
 
+def test_integer_labels_sort_as_numbers(tmp_path, char_tokenizer):
+    rows = [{"text": t, "label": label} for t, label in (("a", 10), ("b", 2), ("c", 1), ("d", 2))]
+    examples, stats = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), char_tokenizer)
+    assert stats.labels == [1, 2, 10]  # as strings they would sort 1, 10, 2
+    assert [e["label"] for e in examples] == [2, 1, 0, 1]
+
+
+def test_mixed_integer_and_string_labels_are_refused_with_the_line(tmp_path, char_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 1},
+                                              {"text": "c", "label": "2"}])
+    with pytest.raises(ValueError, match=r"d.jsonl:3: label '2' is string, but line 1 has the integer label 1; "
+                                         r"use one kind for every label"):
+        load_dataset(path, char_tokenizer)
+
+
+def _write_bytes(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"d.jsonl:2: not UTF-8 text \(byte 0xe9 .*save the file as UTF-8"),
+    (b'{"text": "ok"}\n{"text": 1' + b"0" * 5000 + b'}\n', r"d.jsonl:2: the JSON cannot be read .*one JSON object"),
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", r"d.jsonl:1: the JSON cannot be read"),
+    (b'{"text": "a\\ud800b"}\n', r"d.jsonl:1: the string 'a\\ud800b' holds an unpaired surrogate"),
+    (b'{"instruction": "a", "output": "b"}\n{"messages": [{"role": "assistant", "content": "x"}]}\n',
+     r"d.jsonl:2: this record is in the 'chat' format .* but line 1 is 'alpaca'; one file holds one format"),
+    (b'{"text": "a", "label": "x"}\n{"text": "b"}\n', r"d.jsonl:2: this record is in the 'text' format"),
+    (b'{"text": "", "label": "x"}\n', r"d.jsonl:1: 'text' must be a non-empty string"),
+    (b"{bad\n", r"d.jsonl:1: not valid JSON \(.* at column 2\): '\{bad'; each line must be one JSON object"),
+], ids=["latin-1", "huge-int", "deep-nesting", "lone-surrogate", "mixed-formats", "label-missing", "empty-text",
+        "bad-json"])
+def test_unreadable_content_names_file_line_and_fix(tmp_path, content, message):
+    path = _write_bytes(tmp_path / "d.jsonl", content)
+    with pytest.raises(ValueError, match=message) as info:
+        read_jsonl(path)
+    assert type(info.value) is ValueError and info.value.__cause__ is None
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = _write_bytes(tmp_path / "d.jsonl", b'\xef\xbb\xbf{"text": "hi"}\n')
+    assert read_jsonl(path) == ("text", [{"text": "hi"}])
+
+
+def test_an_overlong_line_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
+    import lora.data
+
+    monkeypatch.setattr(lora.data, "MAX_LINE_BYTES", 1024**2)
+    path = _write_bytes(tmp_path / "d.jsonl", b'{"text": "ok"}\n{"text": "' + b"x" * (3 * 1024**2) + b'"}\n')
+    import tracemalloc
+
+    tracemalloc.start()
+    with pytest.raises(ValueError, match=r"d.jsonl:2: the line is longer than 1 MiB; a JSONL file holds one"):
+        read_jsonl(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2.5 * 1024**2  # at most one limit's worth of the line was read
+
+
+def test_a_folder_or_a_missing_file_says_what_to_pass(tmp_path):
+    with pytest.raises(ValueError, match=r"data file .* is a folder; pass the path of a JSONL file inside it"):
+        read_jsonl(tmp_path)
+    with pytest.raises(ValueError, match=r"x.jsonl does not exist; pass the path of a JSONL file"):
+        read_jsonl(tmp_path / "x.jsonl")
+
+
+def test_chat_template_and_tokenization_errors_name_the_line(tmp_path):
+    tok = make_char_tokenizer(chat_template="{{ raise_exception('roles must alternate') }}")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"}] * 2)
+    with pytest.raises(ValueError, match=r"d.jsonl:1: the tokenizer's chat template refuses this conversation "
+                                         r"\(roles must alternate\)"):
+        load_dataset(path, tok)
+
+
+def test_exact_match_needs_a_prompt_before_the_answer(tmp_path):
+    from lora.data import prompts_and_answers
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "p"},
+                                                           {"role": "assistant", "content": "c"}]},
+                                              {"messages": [{"role": "assistant", "content": "x"}]}])
+    with pytest.raises(ValueError, match=r"d.jsonl:2: exact-match evaluation needs a conversation that ends with a "
+                                         r"prompt turn and then the assistant's answer; found the roles "
+                                         r"\['assistant'\]"):
+        prompts_and_answers(path)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_length": 0}, "max_length must be None or an integer >= 1, got 0"),
+    ({"max_length": "64"}, "max_length must be None or an integer >= 1, got '64'"),
+    ({"label_names": "spam"}, "label_names must be a list of class labels"),
+])
+def test_bad_load_arguments(tmp_path, char_tokenizer, kwargs, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "spam"}])
+    with pytest.raises(ValueError, match=message):
+        load_dataset(path, char_tokenizer, **kwargs)
+
+
 def _summed_loss(model, batch):
     logits = model(**model_inputs(batch)).logits
     return F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum")

@@ -163,7 +163,10 @@ def check_base_fingerprint(where, raw: dict[str, Any], sample: Callable[[str], l
         ValueError: the adapter was trained on another base.
     """
     saved = raw.get(FINGERPRINT_KEY)
-    if not isinstance(saved, dict) or not saved:
+    if saved is not None and not isinstance(saved, dict):
+        raise ValueError(f"{where}: the {FINGERPRINT_KEY} in adapter_config.json is malformed ({type(saved).__name__}, "
+                         f"expected an object); re-save the adapter, or skip the check with check_base=False")
+    if not saved:
         warnings.warn(f"{where} records no base-model fingerprint (made by PEFT or another tool); it cannot be "
                       f"checked against this base model, so make sure it was trained on this one")
         return
@@ -284,7 +287,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Any], d
     if not weights_file.is_file():
         hint = " (an old PEFT adapter_model.bin is a pickle and is not read; re-save it with safetensors)" \
             if (path / "adapter_model.bin").exists() else ""
-        raise ValueError(f"{path} has no {WEIGHTS_NAME}{hint}")
+        raise ValueError(f"{path} has no {WEIGHTS_NAME}{hint}; re-save the adapter with lora.save_adapter (or "
+                         f"PEFT's save_pretrained)")
     try:
         raw = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -306,11 +310,12 @@ def _check_tensors(weights_file: Path, cfg: LoraConfig, tensors: dict[str, torch
     bad = [k for k in tensors if not k.startswith(PEFT_PREFIX)]
     if bad:
         raise ValueError(f"{weights_file} has keys without PEFT's '{PEFT_PREFIX}' prefix, e.g. {bad[:3]}; it is "
-                         f"not a PEFT LoRA adapter file")
+                         f"not a PEFT LoRA adapter file. Re-save the adapter with lora.save_adapter (or PEFT's "
+                         f"save_pretrained)")
     for key, t in tensors.items():
-        if not t.is_floating_point():
-            raise ValueError(f"{weights_file}: {key} has dtype {t.dtype}; adapter weights are floating point. The "
-                             f"file was not written by a LoRA trainer; re-save the adapter")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError(f"{weights_file}: {key} has dtype {t.dtype}; adapter weights are float32, float16 or "
+                             f"bfloat16. The file was not written by a LoRA trainer; re-save the adapter")
         if not torch.isfinite(t).all():
             raise ValueError(f"{weights_file}: {key} holds NaN or infinite values (training diverged); use an "
                              f"earlier checkpoint's adapter, or re-train with a lower learning_rate")

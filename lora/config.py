@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 ALL_LINEAR = "all-linear"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 RESIDUAL_INITS = ("pissa", "olora")  # start from the base weight's principal part, leaving a residual base
 BIASES = ("none", "all", "lora_only")
@@ -54,18 +64,26 @@ class LoraConfig:
             if isinstance(value, str):
                 raise ValueError(f"LoraConfig.{name} must be a list of module names, got the string {value!r}; "
                                  f"write [{value!r}]")
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"LoraConfig.{name} must be a list of module names (strings), got {value!r}")
             object.__setattr__(self, name, tuple(value))
-        if not isinstance(self.targets, str):
+        if isinstance(self.targets, (list, tuple)):
             object.__setattr__(self, "targets", tuple(self.targets))
         if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+            if not isinstance(self.layers, (list, tuple)) or not all(_is_int(i) for i in self.layers):
+                raise ValueError(f"LoraConfig.layers must be None or a list of block indices (integers >= 0), "
+                                 f"got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(self.layers))
 
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+        if not _is_int(self.r) or self.r < 1:
             raise ValueError(f"LoraConfig.r must be an integer >= 1, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"LoraConfig.alpha must be a number > 0, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not _is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"LoraConfig.alpha must be a finite number > 0, got {self.alpha!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        for name in ("rslora", "dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LoraConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.init not in INITS:
             raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
         if self.init in RESIDUAL_INITS and self.dora:
@@ -79,9 +97,10 @@ class LoraConfig:
                 except re.error as e:
                     raise ValueError(f"LoraConfig.targets {self.targets!r} is neither 'all-linear' nor a valid "
                                      f"regex ({e}); pass a list of module-name suffixes instead") from None
-        elif not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+        elif not isinstance(self.targets, tuple) or not self.targets \
+                or not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"LoraConfig.targets must be 'all-linear', a regex string or a non-empty list of "
-                             f"module-name suffixes, got {self.targets!r}")
+                             f"module names, got {self.targets!r}")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise ValueError(f"LoraConfig.layers must be None or a non-empty list of block indices >= 0, "
                              f"got {self.layers!r}")
@@ -141,7 +160,6 @@ class LoraConfig:
         if "r" not in cfg or "target_modules" not in cfg:
             raise ValueError(f"adapter_config.json lacks {'r' if 'r' not in cfg else 'target_modules'!r}; it is "
                              f"not a LoRA adapter config")
-        targets = cfg["target_modules"]
         init = cfg.get("init_lora_weights", True)
         if isinstance(init, str) and init.startswith(RESIDUAL_INITS):
             raise ValueError(f"adapter_config.json has init_lora_weights={init!r}: its weights are relative to a "
@@ -149,25 +167,25 @@ class LoraConfig:
                              f"model. Re-save it converted to a plain delta (PEFT: save_pretrained(..., "
                              f"path_initial_model_for_weight_conversion=...); lora.save_adapter does this itself)")
         layers = cfg.get("layers_to_transform")
-        if isinstance(layers, int):
+        if _is_int(layers):
             layers = [layers]
         exclude = cfg.get("exclude_modules") or ()
         if isinstance(exclude, str):
             raise ValueError("adapter_config.json gives exclude_modules as a regex, which this library does not "
                              "support; use a list of module names")
-        return cls(
-            r=int(cfg["r"]),
-            alpha=cfg.get("lora_alpha", 8),
-            dropout=float(cfg.get("lora_dropout", 0.0)),
-            targets=targets if isinstance(targets, str) else tuple(targets),
-            exclude=tuple(exclude),
-            layers=tuple(layers) if layers is not None else None,
-            rslora=bool(cfg.get("use_rslora", False)),
-            init="gaussian" if init == "gaussian" else "kaiming",
-            dora=bool(cfg.get("use_dora", False)),
-            bias=cfg.get("bias", "none"),
-            modules_to_save=tuple(cfg.get("modules_to_save") or ()),
-        )
+        try:  # the values as written: LoraConfig checks each one (no int() that would truncate r=2.7 to 2)
+            return cls(r=cfg["r"], alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
+                       targets=cfg["target_modules"], exclude=exclude, layers=layers,
+                       rslora=cfg.get("use_rslora", False), init="gaussian" if init == "gaussian" else "kaiming",
+                       dora=cfg.get("use_dora", False), bias=cfg.get("bias", "none"),
+                       modules_to_save=cfg.get("modules_to_save") or ())
+        except ValueError as e:
+            names = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
+                     "exclude": "exclude_modules", "layers": "layers_to_transform", "rslora": "use_rslora",
+                     "dora": "use_dora", "modules_to_save": "modules_to_save", "bias": "bias"}
+            message = re.sub(r"LoraConfig\.(\w+)", lambda m: f"'{names.get(m.group(1), m.group(1))}'", str(e))
+            raise ValueError(f"adapter_config.json: {message}. The file is damaged or was not written for a LoRA "
+                             f"adapter; re-save the adapter") from None
 
 
 __all__ = ["LoraConfig", "ALL_LINEAR", "RESIDUAL_INITS"]

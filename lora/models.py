@@ -201,5 +201,5 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
     return model.eval(), tokenizer
 
 
-__all__ = ["load_model", "quantize_nf4", "converted_folder", "require_gguf", "cache_dir", "embedded_gguf", "default_dtype",
-           "DEFAULT_MODEL", "EMBEDDED_MODELS"]
+__all__ = ["load_model", "quantize_nf4", "converted_folder", "require_gguf", "cache_dir", "embedded_gguf",
+           "default_dtype", "DEFAULT_MODEL", "EMBEDDED_MODELS"]

@@ -30,8 +30,10 @@ _NAME_LIST = re.compile(r"\s*[A-Za-z0-9_.]+\s*(,\s*[A-Za-z0-9_.]+\s*)*,?\s*")
 
 def _coerce(value: Any, annotation: str, key: str) -> Any:
     """Turn a command-line string into the field's type (YAML files already carry types)."""
-    if not isinstance(value, str) or value == "":
+    if not isinstance(value, str):
         return value
+    if value == "":
+        raise ValueError(f"{key}= has no value; write {key}=VALUE ({annotation})")
     if value.lower() in ("none", "null") and "None" in annotation:
         return None
     try:
@@ -49,7 +51,7 @@ def _coerce(value: Any, annotation: str, key: str) -> Any:
             if annotation.startswith("str") and not _NAME_LIST.fullmatch(value):
                 return value  # "all-linear", or a regex such as .*\.(q|v)_proj (issue 9)
             return [v.strip() for v in value.split(",") if v.strip()]
-    except ValueError:
+    except (ValueError, yaml.YAMLError):
         raise ValueError(f"{key}={value!r}: expected {annotation}") from None
     return value
 
@@ -77,8 +79,13 @@ def parse_settings(recipe_cls, argv: list[str]) -> tuple[Any, LoraConfig, TrainC
         path = Path(args[i + 1])
         del args[i:i + 2]
         if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise ValueError(f"config file {path} {what}; pass a YAML file of settings, e.g. --config "
+                             f"recipes/configs/sft.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML ({one_line(e)}); fix the file") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path} must be a YAML mapping of settings, found {type(loaded).__name__}")
         _check_keys(loaded, schema, str(path))

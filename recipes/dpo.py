@@ -50,7 +50,8 @@ def main(argv: list[str]) -> dict:
         return {}
     return finish(model, settings.adapter_dir, train_cfg.output_dir, {
         "preference_accuracy_before": before["preference_accuracy"],
-        "preference_accuracy_after": after.get("preference_accuracy"), "reward_margin_after": after.get("reward_margin"),
+        "preference_accuracy_after": after.get("preference_accuracy"),
+        "reward_margin_after": after.get("reward_margin"),
         "eval_loss_before": before["eval_loss"], "eval_loss_after": after.get("eval_loss"), "steps": result.steps,
         "train_seconds": result.train_seconds, "tokens_per_second": result.tokens_per_second,
         "peak_memory_bytes": result.peak_memory_bytes, "interrupted": result.interrupted, "model": settings.model})

@@ -152,7 +152,8 @@ def test_fingerprint_of_a_merged_model_is_the_base_fingerprint(tmp_path):
     lora.merge(model)
     lora.save_adapter(model, tmp_path / "merged_save")
     saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_fingerprint"]["values"]
-    again = json.loads((tmp_path / "merged_save" / "adapter_config.json").read_text())["base_model_fingerprint"]["values"]
+    again = json.loads((tmp_path / "merged_save" / "adapter_config.json").read_text())
+    again = again["base_model_fingerprint"]["values"]
     for path in saved:
         torch.testing.assert_close(torch.tensor(again[path]), torch.tensor(saved[path]), atol=1e-5, rtol=1e-4)
 

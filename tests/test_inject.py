@@ -58,7 +58,8 @@ def test_nothing_matched_lists_what_could_be_targeted(llama):
 def test_tied_head_is_refused_with_an_explanation():
     model = make_llama(tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    with pytest.raises(ValueError, match=r"'lm_head' \(a LoRA target\) shares its weight with 'model.embed_tokens'.*untie"):
+    with pytest.raises(ValueError, match=r"'lm_head' \(a LoRA target\) shares its weight with "
+                                         r"'model.embed_tokens'.*untie"):
         lora.inject(model, lora.LoraConfig(targets=["lm_head"]))
 
 

@@ -1,5 +1,13 @@
 """LoRA fine-tuning for GPT-style language models: inject, train, save PEFT-compatible adapters, merge, export."""
 
+import logging
+
+# transformers imports torchao (our [qlora] extra) whenever it is installed; on a machine without CUDA, torchao then
+# logs that its CUDA kernels cannot load and torch logs a deprecation about torchao's enums, on every model load.
+# Neither concerns the user, so those two loggers report errors only.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
 from .adapter_io import adapter_state_dict, load_adapter, save_adapter
 from .combine import combine_adapters
 from .config import LoraConfig

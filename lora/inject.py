@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .layers import LoRALinear, SavedModule, is_linear_like
+from .layers import LoRALinear, RowGroups, SavedModule, is_linear_like
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -351,8 +351,9 @@ def row_adapters(model: nn.Module, names: list[str | None] | tuple[str | None, .
     if any(layer.merged_adapters for _, layer in lora_layers(model)):
         raise ValueError("adapters are merged into the base weights; call lora.unmerge(model) before row_adapters")
     modules = [module for _, module in adapter_modules(model)]
+    groups = RowGroups(names)  # worked out once, shared by every layer
     for module in modules:
-        module.row_adapters = names
+        module.row_adapters = groups
     try:
         yield model
     finally:

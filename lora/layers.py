@@ -22,6 +22,57 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+class RowGroups:
+    """Which batch rows each adapter serves under :func:`lora.row_adapters`, worked out once for the whole model.
+
+    Rows of one adapter are a slice where they are contiguous (a view: no copy in, an in-place add out), else an
+    index tensor; either way each adapter runs once over its rows, and the output is written in place.
+    """
+
+    def __init__(self, names: tuple[str | None, ...]):
+        self.names = tuple(names)
+        self._rows: dict[str | None, slice | torch.Tensor] = {}
+        for name in dict.fromkeys(self.names):
+            indices = [i for i, n in enumerate(self.names) if n == name]
+            contiguous = indices == list(range(indices[0], indices[-1] + 1))
+            self._rows[name] = slice(indices[0], indices[-1] + 1) if contiguous else torch.tensor(indices)
+
+    def __iter__(self):
+        return iter(self._rows)
+
+    def check(self, batch: int) -> None:
+        if len(self.names) != batch:
+            raise ValueError(f"row_adapters names {len(self.names)} adapters for a batch of {batch} rows; give one "
+                             f"name (or None for the base model) per row")
+
+    def _index(self, name: str | None, device: torch.device) -> slice | torch.Tensor:
+        rows = self._rows[name]
+        if isinstance(rows, torch.Tensor) and rows.device != device:
+            rows = self._rows[name] = rows.to(device)  # moved once, then reused by every layer
+        return rows
+
+    def take(self, x: torch.Tensor, name: str | None) -> torch.Tensor:
+        """The rows of ``x`` that adapter ``name`` serves."""
+        rows = self._index(name, x.device)
+        return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+    def add_(self, result: torch.Tensor, name: str | None, update: torch.Tensor) -> None:
+        """Add ``update`` into the rows of ``result`` that adapter ``name`` serves, in place."""
+        rows = self._index(name, result.device)
+        if isinstance(rows, slice):
+            result[rows] += update.to(result.dtype)
+        else:
+            result.index_add_(0, rows, update.to(result.dtype))
+
+    def put_(self, result: torch.Tensor, name: str | None, values: torch.Tensor) -> None:
+        """Write ``values`` into the rows of ``result`` that adapter ``name`` serves, in place."""
+        rows = self._index(name, result.device)
+        if isinstance(rows, slice):
+            result[rows] = values.to(result.dtype)
+        else:
+            result.index_copy_(0, rows, values.to(result.dtype))
+
+
 # -- the weight math: the one place every path (live layers, the state-dict merge, export) computes it ----------------
 def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * B @ A`` in fp32, ``out x in``, from ``A`` (``r x in``) and ``B`` (``out x r``)."""
@@ -73,7 +124,7 @@ class LoRALinear(nn.Module):
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: list[str] = []
         self.disabled = False
-        self.row_adapters: tuple[str | None, ...] | None = None  # one adapter (or None) per batch row: row_adapters()
+        self.row_adapters: RowGroups | None = None  # one adapter (or None) per batch row: lora.row_adapters()
         # DoRA's merged weight is m / ||W + dW|| * (W + dW); unmerging needs that norm as it was at merge time.
         self._dora_merge_norms: dict[str, torch.Tensor] = {}
         # PiSSA/OLoRA: the (A0, B0) an adapter started from. Meanwhile the base layer holds the residual
@@ -244,29 +295,29 @@ class LoRALinear(nn.Module):
         return result
 
     def _add_initial_part(self, name: str, x: torch.Tensor, result: torch.Tensor,
-                          row_names: tuple[str | None, ...] | None) -> torch.Tensor:
+                          groups: RowGroups | None) -> torch.Tensor:
         """Add back ``scale B0 A0 x``, the part of W a PiSSA/OLoRA adapter took over, where it is not in effect
         (with per-row adapters: on the rows of other adapters)."""
         A0, B0 = (t.to(x.device) for t in self.initial_factors[name])
-        if row_names is None:
+        if groups is None:
             return result + (F.linear(F.linear(x.to(A0.dtype), A0), B0) * self.scaling[name]).to(result.dtype)
-        rows = torch.tensor([i for i, n in enumerate(row_names) if n != name], device=x.device, dtype=torch.long)
-        part = F.linear(F.linear(x.index_select(0, rows).to(A0.dtype), A0), B0) * self.scaling[name]
-        return result.index_add(0, rows, part.to(result.dtype))
+        for other in groups:
+            if other != name:
+                part = F.linear(F.linear(groups.take(x, other).to(A0.dtype), A0), B0) * self.scaling[name]
+                groups.add_(result, other, part)
+        return result
 
     def _add_row_updates(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each batch row gets the update of its own adapter (``row_adapters[i]``; None or an adapter that does not
         wrap this layer: the base alone). One A/B pass per adapter over its rows, not one per row."""
-        names = self.row_adapters
-        if len(names) != x.shape[0]:
-            raise ValueError(f"row_adapters names {len(names)} adapters for a batch of {x.shape[0]} rows; give one "
-                             f"name (or None for the base model) per row")
-        for name in dict.fromkeys(n for n in names if n in self.lora_A):
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+        groups = self.row_adapters
+        groups.check(x.shape[0])
+        for name in groups:
+            if name not in self.lora_A:
+                continue
             A, B = self.lora_A[name], self.lora_B[name]
-            x_rows = self.lora_dropout[name](x.index_select(0, rows))  # (rows, T, in)
-            update = B(A(x_rows.to(A.weight.dtype))) * self.scaling[name]  # (rows, T, out)
-            result = result.index_add(0, rows, update.to(result.dtype))
+            x_rows = self.lora_dropout[name](groups.take(x, name))  # (rows, T, in)
+            groups.add_(result, name, B(A(x_rows.to(A.weight.dtype))) * self.scaling[name])  # (rows, T, out)
         return result
 
     def _dora_extra(self, name: str, x_lora: torch.Tensor, base_result: torch.Tensor, lora_out: torch.Tensor,
@@ -304,7 +355,7 @@ class SavedModule(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: tuple[str, ...] = ()
         self.disabled = False
-        self.row_adapters: tuple[str | None, ...] | None = None  # one adapter (or None) per batch row: row_adapters()
+        self.row_adapters: RowGroups | None = None  # one adapter (or None) per batch row: lora.row_adapters()
 
     def add_adapter(self, name: str) -> None:
         """Add adapter ``name`` with a copy of the original: at first it computes exactly what the original does."""
@@ -337,23 +388,17 @@ class SavedModule(nn.Module):
     def forward(self, *args, **kwargs):
         if self.row_adapters is None or self.disabled:
             return self.current()(*args, **kwargs)
-        # Per-row adapters: each group of rows runs its adapter's copy (or the original) on its slice of the batch.
+        # Per-row adapters: each group of rows runs its adapter's copy (or the original) on its part of the batch.
         x, rest = args[0], args[1:]
-        names = self.row_adapters
-        if len(names) != x.shape[0]:
-            raise ValueError(f"row_adapters names {len(names)} adapters for a batch of {x.shape[0]} rows; give one "
-                             f"name (or None for the base model) per row")
-        groups: dict[str | None, list[int]] = {}
-        for i, name in enumerate(names):
-            groups.setdefault(name if name in self.modules_to_save else None, []).append(i)
+        groups = self.row_adapters
+        groups.check(x.shape[0])
         result = None
-        for name, indices in groups.items():
-            rows = torch.tensor(indices, device=x.device)
-            module = self.original_module if name is None else self.modules_to_save[name]
-            out = module(x.index_select(0, rows), *rest, **kwargs)
+        for name in groups:
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            out = module(groups.take(x, name), *rest, **kwargs)
             if result is None:
                 result = out.new_empty((x.shape[0], *out.shape[1:]))
-            result = result.index_copy(0, rows, out.to(result.dtype))
+            groups.put_(result, name, out)
         return result
 
     def __getattr__(self, name: str):
@@ -364,5 +409,5 @@ class SavedModule(nn.Module):
             return getattr(self.current(), name)
 
 
-__all__ = ["LoRALinear", "SavedModule", "is_conv1d", "is_linear_like", "lora_delta", "merged_weight",
+__all__ = ["LoRALinear", "SavedModule", "RowGroups", "is_conv1d", "is_linear_like", "lora_delta", "merged_weight",
            "unmerged_weight"]

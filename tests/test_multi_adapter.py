@@ -201,3 +201,16 @@ def test_an_unconverted_pissa_adapter_from_peft_is_refused(tmp_path):
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "init_lora_weights": "pissa_niter_4"}))
     with pytest.raises(ValueError, match="relative to a residual base.*path_initial_model_for_weight_conversion"):
         lora.load_adapter(make_llama(), tmp_path / "ad")
+
+
+def test_rows_with_a_pissa_adapter_and_scattered_rows(tokens):
+    model = make_llama()
+    lora.inject(model, lora.LoraConfig(r=2, init="pissa", targets=["q_proj", "up_proj"]), adapter="p")
+    lora.inject(model, lora.LoraConfig(r=2), adapter="a")
+    randomize_adapters(model, std=0.3)
+    names = ["p", "a", None, "p"]  # p's rows are not contiguous: the index path
+    batch = torch.cat([tokens, tokens])
+    with lora.row_adapters(model, names):
+        mixed = model(batch).logits
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i], alone(model, name, batch[i:i + 1])[0], atol=1e-5, rtol=1e-5)

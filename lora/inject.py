@@ -260,8 +260,10 @@ def set_active(model: nn.Module, names: str | list[str] | tuple[str, ...]) -> No
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(known)}")
-    for _, layer in lora_layers(model):
-        if layer.merged_adapters and set(layer.merged_adapters) - set(names):
+    for _, module in adapter_modules(model):  # check everything before switching anything
+        if isinstance(module, SavedModule):
+            module.active_among(names)
+        elif module.merged_adapters and set(module.merged_adapters) - set(names):
             raise ValueError("an adapter that would be switched off is merged into the base weights; call "
                              "lora.unmerge(model) first")
     for _, module in adapter_modules(model):

@@ -368,12 +368,20 @@ class SavedModule(nn.Module):
         del self.modules_to_save[name]
         self.active_adapters = tuple(n for n in self.active_adapters if n != name)
 
-    def set_active(self, names: tuple[str, ...]) -> None:
+    def active_among(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """The adapters of ``names`` that have a copy here.
+
+        Raises:
+            ValueError: more than one: each would replace the module with its own copy.
+        """
         active = tuple(n for n in names if n in self.modules_to_save)
         if len(active) > 1:
             raise ValueError(f"adapters {list(active)} each train their own copy of a saved module "
                              f"(modules_to_save); only one of them can be active at a time")
-        self.active_adapters = active
+        return active
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        self.active_adapters = self.active_among(names)
 
     @property
     def adapters(self) -> tuple[str, ...]:

@@ -143,8 +143,8 @@ def test_remove_adapter_restores_plain_layers(llama, tokens):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"r": 0}, "r must be an integer >= 1"),
-    ({"alpha": 0}, "alpha must be a number > 0"),
-    ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    ({"alpha": 0}, "alpha must be a finite number > 0"),
+    ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),
     ({"init": "xavier"}, "init must be one of"),
     ({"bias": "some"}, "bias must be one of"),
     ({"targets": "q_proj("}, "neither 'all-linear' nor a valid regex"),
@@ -212,6 +212,7 @@ def test_saved_modules_are_a_trained_copy_per_adapter(tokens):
     assert torch.equal(model(tokens).logits, with_a)
     with pytest.raises(ValueError, match="only one of them can be active"):
         lora.set_active(model, ["a", "b"])
+    assert torch.equal(model(tokens).logits, with_a)  # the refused switch changed nothing
 
     lora.remove_adapter(model, "a")
     lora.remove_adapter(model, "b")

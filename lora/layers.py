@@ -53,24 +53,19 @@ class RowGroups:
 
     def take(self, x: torch.Tensor, name: str | None) -> torch.Tensor:
         """The rows of ``x`` that adapter ``name`` serves."""
-        rows = self._index(name, x.device)
-        return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+        return x[self._index(name, x.device)]  # a view for a slice; a gather (faster on CPU than index_select)
 
     def add_(self, result: torch.Tensor, name: str | None, update: torch.Tensor) -> None:
         """Add ``update`` into the rows of ``result`` that adapter ``name`` serves, in place."""
         rows = self._index(name, result.device)
         if isinstance(rows, slice):
             result[rows] += update.to(result.dtype)
-        else:
-            result.index_add_(0, rows, update.to(result.dtype))
+        else:  # index_put_ rather than index_add_: several times faster along dim 0 on CPU
+            result.index_put_((rows,), update.to(result.dtype), accumulate=True)
 
     def put_(self, result: torch.Tensor, name: str | None, values: torch.Tensor) -> None:
         """Write ``values`` into the rows of ``result`` that adapter ``name`` serves, in place."""
-        rows = self._index(name, result.device)
-        if isinstance(rows, slice):
-            result[rows] = values.to(result.dtype)
-        else:
-            result.index_copy_(0, rows, values.to(result.dtype))
+        result[self._index(name, result.device)] = values.to(result.dtype)
 
 
 # -- the weight math: the one place every path (live layers, the state-dict merge, export) computes it ----------------

@@ -4,10 +4,11 @@ QLoRA's 4-bit base against fp32, on SmolLM2-135M, CPU.
     .venv/bin/python bench/multi_adapter.py --rounds 2
 
 Per-row: four r=16 adapters on every linear layer but the head (random, as after training), a batch of 16 rows of
-128 tokens naming the adapters and the base in turn; the same adapters loaded into PEFT. Timed: one forward pass
-over the batch, median of 5 after a warm-up; each stack in its own process, alternating, every round.
+128 tokens naming the adapters and the base in turn; the same adapters loaded into PEFT. Both stacks live in one
+process (each with its own copy of the base) and their calls alternate, so both see the same load; checked to give
+the same logits. Timed: one forward pass over the batch, median of 4 after a warm-up.
 
-QLoRA: the same model loaded with quantize="nf4" or in fp32, LoRA r=16 on every linear layer, 6 training steps
+QLoRA: the same model loaded with quantize="nf4" or in fp32, LoRA r=16 on every linear layer, 4 training steps
 of 2 x 256-token packed rows from the bundled extraction data. Reported: peak RSS of the process, the weights held
 by the linear layers, and training tokens per second.
 """
@@ -25,6 +26,7 @@ ROWS = """
 import json, statistics, sys, time, warnings, torch
 sys.path.insert(0, {root!r})
 import lora
+import peft
 model, tok = lora.load_model("smollm2-135m")
 names = ["a", "b", "c", "d"]
 g = torch.Generator().manual_seed(0)
@@ -36,29 +38,31 @@ with torch.no_grad():
     for n, p in model.named_parameters():
         if "lora_" in n:
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-if {stack!r} == "peft":
-    import peft
-    for name in names:
-        lora.save_adapter(model, "/tmp/bench_rows/" + name, adapter=name)
-    base, _ = lora.load_model("smollm2-135m")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = peft.PeftModel.from_pretrained(base, "/tmp/bench_rows/a", adapter_name="a")
-        for name in names[1:]:
-            model.load_adapter("/tmp/bench_rows/" + name, adapter_name=name)
-    peft_rows = [r if r is not None else "__base__" for r in rows]
-    run = lambda: model(input_ids=ids, adapter_names=peft_rows).logits
-else:
-    def run():
-        with lora.row_adapters(model, rows):
-            return model(input_ids=ids).logits
-model.eval()
-times = []
+for name in names:
+    lora.save_adapter(model, "/tmp/bench_rows/" + name, adapter=name)
+base, _ = lora.load_model("smollm2-135m")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    theirs = peft.PeftModel.from_pretrained(base, "/tmp/bench_rows/a", adapter_name="a")
+    for name in names[1:]:
+        theirs.load_adapter("/tmp/bench_rows/" + name, adapter_name=name)
+theirs.eval(); model.eval()
+peft_rows = [r if r is not None else "__base__" for r in rows]
+
+def ours():
+    with lora.row_adapters(model, rows):
+        return model(input_ids=ids).logits
+
+def peft_mixed():
+    return theirs(input_ids=ids, adapter_names=peft_rows).logits
+
+times = {{"ours": [], "peft": []}}
 with torch.no_grad():
-    run()
-    for _ in range(5):
-        start = time.perf_counter(); run(); times.append(time.perf_counter() - start)
-print("RESULT", json.dumps({{"seconds": statistics.median(times)}}))
+    torch.testing.assert_close(ours(), peft_mixed(), atol=1e-3, rtol=1e-3)  # the same answer, and a warm-up
+    for _ in range(4):  # alternating, so both see the same load on the shared machine
+        for stack, run in (("ours", ours), ("peft", peft_mixed)):
+            start = time.perf_counter(); run(); times[stack].append(time.perf_counter() - start)
+print("RESULT", json.dumps({{k: statistics.median(v) for k, v in times.items()}}))
 """
 
 QLORA = """
@@ -76,7 +80,7 @@ for m in model.modules():
         linear_bytes += sum(t.numel() * t.element_size() for t in parts) or w.numel() * w.element_size()
 examples, _ = load_dataset({data!r}, tok, max_length=256)
 lora.inject(model, lora.LoraConfig(r=16, alpha=32))
-trainer = Trainer(model, TrainConfig(max_steps=6, batch_size=2, seq_len=256, output_dir="/tmp/bench_qlora"),
+trainer = Trainer(model, TrainConfig(max_steps=4, batch_size=2, seq_len=256, output_dir="/tmp/bench_qlora"),
                   examples[:200])
 result = trainer.train()
 print("RESULT", json.dumps({{"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -97,12 +101,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     data = str(ROOT / "recipes" / "data" / "extract_train.jsonl")
-    rows: dict[str, list[dict]] = {"ours": [], "peft": []}
+    rows: list[dict] = []
     qlora: dict[str, list[dict]] = {"nf4": [], "fp32": []}
     for round_ in range(args.rounds):
-        for stack in ("ours", "peft"):
-            rows[stack].append(run(ROWS.format(root=str(ROOT), stack=stack)))
-            print(f"round {round_ + 1} per-row {stack}: {rows[stack][-1]}", flush=True)
+        rows.append(run(ROWS.format(root=str(ROOT))))
+        print(f"round {round_ + 1} per-row (median seconds per forward): {rows[-1]}", flush=True)
         for quantize in ("nf4", "fp32"):
             qlora[quantize].append(run(QLORA.format(root=str(ROOT), data=data,
                                                     quantize="nf4" if quantize == "nf4" else None)))
@@ -111,7 +114,7 @@ def main() -> None:
     def med(runs, key):
         return statistics.median(r[key] for r in runs)
 
-    ours, theirs = med(rows["ours"], "seconds"), med(rows["peft"], "seconds")
+    ours, theirs = med(rows, "ours"), med(rows, "peft")
     print(f"\nper-row batch (16 x 128 tokens, 4 adapters + base): ours {16 * 128 / ours:.0f} tokens/s, PEFT "
           f"{16 * 128 / theirs:.0f} tokens/s, ratio {theirs / ours:.2f}x")
     for key, label in (("peak_rss", "peak RSS"), ("linear_bytes", "linear-layer weights")):

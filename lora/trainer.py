@@ -1,8 +1,9 @@
 """TrainConfig and Trainer: one readable loop on accelerate (devices, precision, processes).
 
-The loop, top to bottom: build rows (packed or single examples) -> for each optimizer step, take
-``batch_size x grad_accum`` rows per process -> sum token losses over the whole window and divide by the number of
-target tokens in the window -> clip -> step -> schedule -> log / evaluate / checkpoint.
+The loop, top to bottom: build rows (packed or single examples) -> for each optimizer step, set the learning rate,
+take ``batch_size x grad_accum`` rows per process -> sum token losses over the whole window and divide by the number
+of target tokens in the window (all processes together decide whether it is finite) -> clip -> step -> log /
+evaluate / checkpoint. Checkpoints live in :mod:`lora.checkpoint`, evaluation in :mod:`lora.evaluate`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import json
 import math
-import random
+import os
 import resource
-import shutil
 import signal
 import sys
 import threading
@@ -26,15 +25,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter_io import save_adapter
-from .atomic import atomic_dir
+from .checkpoint import Checkpoints, RunShape, gather_rng, is_sharded, rng_state, whole_parameters
 from .data import IGNORE, collate, model_inputs, pack
-from .generate import exact_match
 from .dpo import dpo_loss
-from .inject import adapters_of, disabled
+from .evaluate import evaluate
+from .generate import exact_match
+from .inject import disabled
 from .layers import is_linear_like
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -111,24 +109,41 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig.{field} must be {allowed}, got {getattr(self, field)!r}")
 
-        check(self.learning_rate > 0, "learning_rate", "> 0")
-        check(self.weight_decay >= 0, "weight_decay", ">= 0")
+        def number(field: str, allowed: str, ok: Callable[[float], bool], optional: bool = False) -> None:
+            # Checked for type and finiteness first: a YAML `null` or string would raise TypeError in the
+            # comparison, and `inf` epochs an OverflowError in ceil() much later (the fuzzer found both).
+            value = getattr(self, field)
+            if optional and value is None:
+                return
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            check(is_number and math.isfinite(value) and ok(value), field,
+                  f"{'None or ' if optional else ''}{allowed} (a finite number)")
+
+        number("learning_rate", "> 0", lambda v: v > 0)
+        number("weight_decay", ">= 0", lambda v: v >= 0)
         for name in ("batch_size", "grad_accum", "seq_len", "log_every", "keep_checkpoints", "loss_chunk"):
-            check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
+            value = getattr(self, name)
+            check(type(value) is int and value >= 1, name, "an integer >= 1")
         for name in ("eval_every", "save_every"):
-            check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
-        check(self.epochs > 0, "epochs", "> 0")
-        check(self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1), "max_steps",
+            value = getattr(self, name)
+            check(type(value) is int and value >= 0, name, "an integer >= 0")
+        number("epochs", "> 0", lambda v: v > 0)
+        check(self.max_steps is None or (type(self.max_steps) is int and self.max_steps >= 1), "max_steps",
               "None or an integer >= 1")
-        check(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)")
+        number("warmup_ratio", "in [0, 1)", lambda v: 0 <= v < 1)
         check(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
-        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
-        check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "None or > 0")
-        check(self.loraplus_lr_ratio > 0, "loraplus_lr_ratio", "> 0")
-        check(self.dpo_beta > 0, "dpo_beta", "> 0")
+        number("min_lr_ratio", "in [0, 1]", lambda v: 0 <= v <= 1)
+        number("max_grad_norm", "> 0", lambda v: v > 0, optional=True)
+        number("loraplus_lr_ratio", "> 0", lambda v: v > 0)
+        number("dpo_beta", "> 0", lambda v: v > 0)
         check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
         check(self.overlong in ("truncate", "drop"), "overlong", "'truncate' or 'drop'")
         check(self.logger in LOGGERS, "logger", f"one of {LOGGERS}")
+        for name in ("packing", "gradient_checkpointing", "resume"):
+            check(isinstance(getattr(self, name), bool), name, "true or false")
+        check(isinstance(self.output_dir, (str, os.PathLike)) and str(self.output_dir) != "", "output_dir",
+              "a folder path")
+        check(type(self.seed) is int, "seed", "an integer")
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some fields changed (the config itself is frozen)."""
@@ -174,6 +189,34 @@ def _peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _configure_deepspeed(accelerator: Any, cfg: TrainConfig) -> None:
+    """Make DeepSpeed's engine accumulate ``grad_accum`` micro-batches per step and clip as the config says.
+
+    accelerate's DeepSpeed backward steps the engine whenever ``sync_gradients`` is True; the trainer sets it only
+    on the last micro-batch of a window, and the engine must agree on the window's length (it divides each
+    micro-batch's loss by it) and own clipping (our clip_grad_norm_ cannot reach its partitioned gradients).
+    The TrainConfig wins over an accelerate config file's values, so that one setting means one thing everywhere.
+    """
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds.pop("train_batch_size", None)  # DeepSpeed derives it: micro-batch x accumulation x processes
+    ds["gradient_clipping"] = cfg.max_grad_norm or 0.0  # 0: no clipping
+    ds["zero_allow_untested_optimizer"] = True  # our AdamW, built from the LoRA parameters (and LoRA+ groups)
+    accelerator.gradient_accumulation_steps = cfg.grad_accum  # else accelerate warns and takes DeepSpeed's
+
+
+def _check_output_dir(path: Path) -> None:
+    """Refuse an ``output_dir`` that is a file or lies under one, before any training (not at the first checkpoint,
+    minutes or hours in: the fuzzer's ``output_dir=notes.txt/run``)."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"output_dir {str(path)!r}: {folder} is a file; pass an output_dir that is a folder "
+                                 f"(or a new path)")
+            return
 
 
 def _forward_takes(model: nn.Module) -> set[str]:
@@ -374,6 +417,7 @@ class Trainer:
         self.adapter = adapter
         self.callbacks = list(callbacks or [])
         self.output_dir = Path(config.output_dir)
+        _check_output_dir(self.output_dir)
         if not train_data:
             raise ValueError("train_data is empty")
         first = train_data[0]
@@ -396,6 +440,9 @@ class Trainer:
             mixed_precision=mixed_precision,
             log_with="tensorboard" if config.logger == "tensorboard" else None,
             project_dir=str(self.output_dir))
+        self.deepspeed = self.accelerator.distributed_type == "DEEPSPEED"
+        if self.deepspeed:
+            _configure_deepspeed(self.accelerator, config)
         packing = config.packing and self.task == "lm"
         if packing and "position_ids" not in _forward_takes(model):
             # Packed examples are kept apart by positions that restart; a forward without position_ids would let
@@ -422,9 +469,16 @@ class Trainer:
         self.objective = BatchLoss(model, self.task, config.loss_chunk, config.dpo_beta)
         self.loss_module, self.optimizer = self.accelerator.prepare(self.objective, self.optimizer)
         self.world = self.accelerator.num_processes
+        if self.world > 1 and self.accelerator.distributed_type == "NO":
+            # Seen with DeepSpeed or FSDP requested on a machine accelerate gives no backend for (CPU only): the
+            # processes would each train on their share of the rows alone, and nothing would average them.
+            raise ValueError(f"{self.world} processes were started, but accelerate set up no distributed training "
+                             f"(distributed_type NO), so their gradients would never be averaged; check the "
+                             f"accelerate config (distributed_type, the backend) or launch one process")
         self.rows_per_step = config.batch_size * config.grad_accum * self.world
         self.steps_per_epoch = max(1, len(self.rows) // self.rows_per_step)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
+        self.checkpoints = Checkpoints(self.output_dir / "checkpoints", config.keep_checkpoints)
         self.step = 0
         self.history: list[dict] = []
         self._rng_at_step: dict | None = None  # RNG state at the last step boundary, for exact resume
@@ -450,68 +504,59 @@ class Trainer:
     def _terms(self, batch: dict[str, torch.Tensor]) -> int:
         """How many loss terms a batch holds: examples for classification, pairs for preferences, else target
         tokens."""
+        if "padding" in batch:
+            return 0
         if self.task == "preference":
             return int(batch["pairs"])
         return len(batch["labels"]) if self.classification else int((batch["targets"] != IGNORE).sum())
 
-    @torch.no_grad()
     def evaluate(self, data: list[dict] | None = None) -> dict[str, float]:
         """Mean loss and perplexity over ``data`` (default: the eval data); accuracy for classification; exact
-        match when the trainer has ``exact_match_data``; for preference pairs, ``preference_accuracy`` (the share
-        of pairs whose chosen completion has the higher log-probability under the model) and ``reward_margin``
-        (DPO's implicit reward of chosen minus rejected, ``beta`` times the log-ratios to the reference)."""
+        match when the trainer has ``exact_match_data``; for preference pairs, ``preference_accuracy`` and
+        ``reward_margin`` (see :func:`lora.evaluate.evaluate`).
+
+        Every process evaluates all of ``data``: under FSDP or ZeRO-3 the forward gathers weights from all of
+        them, so all must run it, and the same number of times.
+        """
         result = {}
         if self.exact_match_data is not None:
             prompts, answers = self.exact_match_data
             result["exact_match"] = exact_match(self.model, self.tokenizer, prompts, answers,
                                                 self.exact_match_max_new_tokens)[0]
         data = self.eval_data if data is None else data
-        if not data:
-            return result
-        model = self.model
-        was_training = model.training
-        model.eval()
-        total, count, correct, margin = 0.0, 0, 0, 0.0
-        with self.accelerator.autocast():
-            for i in range(0, len(data), self.cfg.batch_size):
-                batch = self._batch(data[i:i + self.cfg.batch_size])
-                if self.classification:
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    total += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
-                    correct += int((logits.argmax(-1) == batch["labels"]).sum())
-                    count += len(batch["labels"])
-                elif self.task == "preference":
-                    policy, reference = self.objective.pair_logps(batch)
-                    n = len(policy) // 2
-                    rewards = self.cfg.dpo_beta * (policy - reference)  # (2n,)
-                    total += float(dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:],
-                                            self.cfg.dpo_beta)) * n
-                    correct += int((policy[:n] > policy[n:]).sum())
-                    margin += float((rewards[:n] - rewards[n:]).sum())
-                    count += n
-                else:
-                    loss, n = self._loss_sum(batch)
-                    total, count = total + float(loss), count + n
-        model.train(was_training)
-        result["eval_loss"] = total / max(count, 1)
-        if self.task == "preference":
-            result["preference_accuracy"] = correct / max(count, 1)
-            result["reward_margin"] = margin / max(count, 1)
-            return result
-        result["perplexity"] = math.exp(min(result["eval_loss"], 50.0))  # capped so a diverged model cannot overflow
-        if self.classification:
-            result["accuracy"] = correct / max(count, 1)
+        if data:
+            size = self.cfg.batch_size
+            batches = (self._batch(data[i:i + size]) for i in range(0, len(data), size))
+            result.update(evaluate(self.objective, batches, self.accelerator.autocast))
         return result
 
     # -- data order ---------------------------------------------------------------------------------------------------
     def _step_rows(self, step: int) -> list[list[dict]]:
-        """This process's micro-batches for optimizer step ``step``; a fresh seeded shuffle every epoch."""
+        """This process's micro-batches (lists of rows) for optimizer step ``step``; a fresh seeded shuffle every
+        epoch."""
         epoch, index = divmod(step, self.steps_per_epoch)
         order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
         start = index * self.rows_per_step
         chosen = [self.rows[i] for i in order[start:start + self.rows_per_step].tolist()]
         mine = chosen[self.accelerator.process_index::self.world]
         return [mine[i:i + self.cfg.batch_size] for i in range(0, len(mine), self.cfg.batch_size)]
+
+    def _window(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches this process runs for optimizer step ``step``: its own, then padding up to the count
+        of the process with the most.
+
+        With fewer rows in a step than processes x batch_size x grad_accum (a small data set), some process would
+        have fewer micro-batches, or none, and skip a forward/backward that the others wait on in a collective
+        (DDP's gradient all-reduce, FSDP's all-gathers): the run hangs. Padding micro-batches run forward and
+        backward like the others with weight 0, so they add nothing to gradients, loss or token counts.
+        """
+        rows = self._step_rows(step)
+        in_step = min(len(self.rows), self.rows_per_step)  # rank 0 gets the most: ceil(in_step / world) rows
+        most = math.ceil(math.ceil(in_step / self.world) / self.cfg.batch_size)
+        batches = [self._batch(r) for r in rows]
+        for _ in range(most - len(batches)):
+            batches.append({**self._batch(self.rows[:1]), "padding": torch.tensor(True)})
+        return batches
 
     # -- the loop -----------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -537,21 +582,22 @@ class Trainer:
                    dynamic_ncols=True)
         self.loss_module.train()  # the wrapped BatchLoss; .train() reaches the model inside
         start_time, tokens_seen, interrupted, last_loss = time.perf_counter(), 0, False, None
-        self._rng_at_step = _rng_state()
+        self._rng_at_step = rng_state()
         with _CtrlC() as ctrl_c, bar:
             while self.step < self.total_steps:
-                micro_batches = [self._batch(rows) for rows in self._step_rows(self.step)]
-                window_loss, window_terms, tokens = self._backward_window(micro_batches)
-                tokens_seen += tokens
-                if cfg.max_grad_norm is not None:
-                    acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                # The learning rate is set before the window: under DeepSpeed the engine steps inside the last
+                # micro-batch's backward.
+                factor = lr_factor(self.step, self.total_steps, cfg)
                 for group in self.optimizer.param_groups:
-                    factor = lr_factor(self.step, self.total_steps, cfg)
                     group["lr"] = cfg.learning_rate * group["lr_ratio"] * factor
+                window_loss, window_terms, tokens = self._backward_window(self._window(self.step))
+                tokens_seen += tokens
+                if cfg.max_grad_norm is not None and not self.deepspeed:  # DeepSpeed's engine clips itself
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                self._rng_at_step = _rng_state()
+                self._rng_at_step = rng_state()
 
                 last_loss = window_loss / max(window_terms, 1)
                 elapsed = time.perf_counter() - start_time
@@ -599,24 +645,42 @@ class Trainer:
 
         The window's loss is (sum of all its token losses) / (its target tokens over all processes): averaging per
         micro-batch, as transformers' Trainer long did, weights a short example's tokens more than a long one's.
+
+        Whether the loss is finite is decided by all processes together, after the last micro-batch's forward and
+        before its backward (where gradients are all-reduced and DeepSpeed steps): a process that stopped alone
+        would leave the others waiting in that all-reduce forever.
+
+        Raises:
+            FloatingPointError: the loss of the window is NaN or infinite on any process.
         """
         acc = self.accelerator
         local_terms = sum(self._terms(b) for b in micro_batches)
         window_terms = int(acc.reduce(torch.tensor(local_terms, device=acc.device), "sum"))
-        window_loss, tokens = 0.0, 0
+        # DDP averages gradients over processes: multiplying by world makes it the global mean. DeepSpeed also
+        # divides every micro-batch's loss by its gradient_accumulation_steps, which we set to grad_accum.
+        scale = self.world * (self.cfg.grad_accum if self.deepspeed else 1) / max(window_terms, 1)
+        local_loss, tokens = 0.0, 0
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            with (contextlib.nullcontext() if last else acc.no_sync(self.loss_module)), acc.autocast():
-                loss_sum, _ = self._loss_sum(batch)
-                # DDP averages gradients over processes; multiplying by world makes it the global mean.
-                loss = loss_sum * self.world / max(window_terms, 1)
-            if not torch.isfinite(loss_sum):
-                self._stop_non_finite(float(loss_sum.detach()))
-            acc.backward(loss)
-            window_loss += float(loss_sum.detach())
-            tokens += int(batch["real_tokens"])
-        window_loss = float(acc.reduce(torch.tensor(window_loss, device=acc.device), "sum"))
-        tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum"))
+            padding = "padding" in batch
+            # sync_gradients: accelerate's DeepSpeed backward steps the engine only when it is True (issue 11)
+            acc.sync_gradients = last
+            try:
+                with contextlib.nullcontext() if last else acc.no_sync(self.loss_module):
+                    with acc.autocast():
+                        loss_sum = self.loss_module(batch)
+                    if not padding:
+                        local_loss += float(loss_sum.detach())  # NaN and inf carry through the sum
+                        tokens += int(batch["real_tokens"])
+                    if last:  # one collective for the loss, the tokens and the decision to stop
+                        totals = acc.reduce(torch.tensor([local_loss, float(tokens)], dtype=torch.float64,
+                                                         device=acc.device), "sum")
+                        window_loss, tokens = float(totals[0]), int(totals[1])
+                        if not math.isfinite(window_loss):
+                            self._stop_non_finite(window_loss)
+                    acc.backward(loss_sum * (0.0 if padding else scale))
+            finally:
+                acc.sync_gradients = True
         return window_loss, window_terms, tokens
 
     def _on_any_process(self, flag: bool) -> bool:
@@ -627,75 +691,63 @@ class Trainer:
         return bool(acc.reduce(torch.tensor(int(flag), device=acc.device), "sum") > 0)
 
     def _stop_non_finite(self, value: float) -> None:
-        """A NaN/inf loss: keep the last good state as a checkpoint (if the weights are still finite) and stop."""
+        """A NaN/inf loss (decided by all processes): keep the last good state as a checkpoint and stop.
+
+        The state before this step is saved if the weights are still finite on every process, else the newest
+        checkpoint is named; every process raises the same error.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        weights_ok = all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad)
-        kept = self.save_checkpoint() if weights_ok else self.latest_checkpoint()
+        weights_ok = all(bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad)
+        if not self._on_any_process(not weights_ok):
+            kept = self.save_checkpoint()
+        else:
+            kept = self._main_process_value(self.latest_checkpoint())
         raise FloatingPointError(
             f"the training loss became {value} at step {self.step + 1}; training stopped. The last good state is "
             f"in {kept or 'no checkpoint (none was written before the failure)'}. Lower learning_rate, keep "
             f"max_grad_norm set, or check the data; resume=True continues from that checkpoint")
 
-    # -- checkpoints --------------------------------------------------------------------------------------------------
-    def checkpoint_dir(self) -> Path:
-        return self.output_dir / "checkpoints"
+    def _main_process_value(self, value: Any) -> Any:
+        """The main process's ``value`` on every process (a path it alone may see, on another machine's disk)."""
+        if self.world == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
 
-    def _checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (names are zero-padded step numbers)."""
-        return sorted(self.checkpoint_dir().glob("step-*"))
+        return broadcast_object_list([value])[0]
+
+    # -- checkpoints (lora/checkpoint.py) ----------------------------------------------------------------------------
+    def checkpoint_dir(self) -> Path:
+        return self.checkpoints.folder
 
     def latest_checkpoint(self) -> Path | None:
-        done = self._checkpoints()
-        return done[-1] if done else None
+        return self.checkpoints.latest()
 
-    def save_checkpoint(self) -> Path | None:
-        """Write adapter + optimizer + RNG + data position for the current step, atomically; keep the newest N."""
+    def _shape(self) -> RunShape:
+        return RunShape(self.total_steps, self.world, self.cfg.batch_size, self.cfg.grad_accum)
+
+    def save_checkpoint(self) -> Path:
+        """Write adapter + optimizer + RNG + data position for the current step, atomically; keep the newest N.
+
+        Called by every process together (each one's RNG state is gathered); the main process writes. Returns the
+        checkpoint's folder on every process.
+        """
         acc = self.accelerator
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return None
-        model = self.model
+        rng = self._rng_at_step or rng_state()
+        rng_tensors = gather_rng(acc, rng)  # a collective: before any process returns
         final = self.checkpoint_dir() / f"step-{self.step:07d}"
-        if final.exists():
-            return final
-        with atomic_dir(final) as tmp:
-            if adapters_of(model):
-                save_adapter(model, tmp / "adapter", adapter=self.adapter)
-            trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-            save_file({n: p.detach().float().cpu().contiguous() for n, p in trainable.items()},
-                      str(tmp / "trainable.safetensors"))
-            tensors, meta = _optimizer_state(self.optimizer, {id(p): n for n, p in trainable.items()})
-            rng = self._rng_at_step or _rng_state()
-            tensors.update({f"rng.{k}": v for k, v in rng.items() if isinstance(v, torch.Tensor)})
-            save_file(tensors, str(tmp / "state.safetensors"))
-            state = {"step": self.step, "total_steps": self.total_steps, "optimizer": meta,
-                     "python_random": rng["python"], "history": self.history,
-                     "config": dataclasses.asdict(self.cfg)}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        for old in self._checkpoints()[:-self.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        # DeepSpeed's ZeRO keeps optimizer state partitioned in its engine; FSDP's moments are shards too.
+        optimizer = None if self.deepspeed or is_sharded(self.model) else self.optimizer
+        with whole_parameters(self.loss_module):  # FSDP: every process gathers, the main one writes whole tensors
+            if acc.is_main_process:
+                self.checkpoints.save(self.step, self.model, optimizer, self.adapter, rng, rng_tensors, {
+                    "total_steps": self.total_steps, "shape": dataclasses.asdict(self._shape()),
+                    "history": self.history, "config": dataclasses.asdict(self.cfg)})
+        acc.wait_for_everyone()  # every process returns once the checkpoint is complete
         return final
 
     def _resume(self, latest: Path) -> None:
         """Load the trainable weights, optimizer, RNG states and position saved in checkpoint ``latest``."""
-        model = self.model
-        state = json.loads((latest / "trainer_state.json").read_text())
-        if state["total_steps"] != self.total_steps:
-            raise ValueError(f"checkpoint {latest} was for a run of {state['total_steps']} steps, this one has "
-                             f"{self.total_steps}; keep the data and epochs/max_steps the same to resume")
-        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        saved = load_file(str(latest / "trainable.safetensors"))
-        if set(saved) != set(trainable):
-            raise ValueError(f"checkpoint {latest} holds other trainable parameters than this model "
-                             f"(e.g. {sorted(set(saved) ^ set(trainable))[:3]}); use another output_dir or "
-                             f"resume=False")
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(saved[n].to(p.dtype))
-        tensors = load_file(str(latest / "state.safetensors"))
-        _load_optimizer_state(self.optimizer, {id(p): n for n, p in trainable.items()}, tensors, state["optimizer"],
-                              latest)
-        _set_rng_state({k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}, state["python_random"])
+        state = Checkpoints.load(latest, self.model, self.optimizer, self._shape(), self.accelerator.process_index)
         self.step, self.history = state["step"], state["history"]
 
     def plot_loss_curve(self, path: Path) -> None:
@@ -718,86 +770,6 @@ class Trainer:
         fig.savefig(path, dpi=100)
         plt.close(fig)
 
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(_py_state_to_json(random.getstate()))}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _py_state_to_json(state: tuple) -> tuple:
-    version, internal, gauss = state
-    return version, list(internal), gauss
-
-
-def _set_rng_state(tensors: dict[str, torch.Tensor], python_state: list) -> None:
-    torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["cuda"])
-    version, internal, gauss = python_state
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _optimizer_params(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[tuple[int, str]]:
-    """``(index in optimizer.state_dict(), parameter name)`` for every parameter the optimizer holds.
-
-    Paired through the parameter objects, not by position: the optimizer's order (its param groups) need not be the
-    model's (issue 9).
-    """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    indices = [i for group in optimizer.state_dict()["param_groups"] for i in group["params"]]
-    unnamed = [tuple(p.shape) for p in params if id(p) not in names]
-    if unnamed:
-        raise ValueError(f"the optimizer holds parameters that are not trainable parameters of the model (shapes "
-                         f"{unnamed[:3]}); build it from [p for p in model.parameters() if p.requires_grad]")
-    return [(i, names[id(p)]) for i, p in zip(indices, params)]
-
-
-def _optimizer_state(optimizer: torch.optim.Optimizer,
-                     names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """AdamW's moments as tensors keyed by parameter name, and its scalar state as JSON (no pickle).
-
-    Args:
-        optimizer: The optimizer.
-        names: ``id(parameter) -> name`` for the model's trainable parameters.
-    """
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, name in _optimizer_params(optimizer, names):
-        for key, value in sd["state"].get(index, {}).items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                tensors[f"optim.{name}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{name}.{key}"] = float(value)
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
-    return tensors, {"scalars": scalars, "param_groups": groups}
-
-
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str], tensors: dict[str, torch.Tensor],
-                          meta: dict, source: Path) -> None:
-    """Put the state written by :func:`_optimizer_state` back, matched to the parameters by name.
-
-    Raises:
-        ValueError: the checkpoint ``source`` holds state for other parameters than the optimizer's.
-    """
-    entries: dict[str, dict[str, Any]] = {}  # parameter name -> its state; names hold dots, state keys do not
-    for key, t in tensors.items():
-        if key.startswith("optim."):
-            name, _, field = key[len("optim."):].rpartition(".")
-            entries.setdefault(name, {})[field] = t
-    for key, value in meta["scalars"].items():
-        name, _, field = key.rpartition(".")
-        entries.setdefault(name, {})[field] = torch.tensor(value)
-    pairs = _optimizer_params(optimizer, names)
-    expected = {name for _, name in pairs}
-    if entries and set(entries) != expected:
-        raise ValueError(f"checkpoint {source} holds optimizer state for other parameters than this optimizer's "
-                         f"(e.g. {sorted(set(entries) ^ expected)[:3]}); use another output_dir or resume=False")
-    state = {index: entries[name] for index, name in pairs if name in entries}
-    sd = optimizer.state_dict()
-    groups = [{**g, **saved, "params": g["params"]} for saved, g in zip(meta["param_groups"], sd["param_groups"])]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "lr_factor"]

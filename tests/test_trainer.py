@@ -1,6 +1,8 @@
 """The Trainer: accumulation equivalence, exact resume (Ctrl-C and a killed process), non-finite stop, learning."""
 
+import dataclasses
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -197,10 +199,28 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     ({"precision": "int8"}, "precision must be one of"),
     ({"warmup_ratio": 1.0}, r"warmup_ratio must be in \[0, 1\)"),
     ({"logger": "wandb"}, "logger must be one of"),
+    # non-finite numbers and YAML values of the wrong type: our ValueError, never TypeError/OverflowError (fuzzer)
+    ({"epochs": float("inf")}, r"epochs must be > 0 \(a finite number\), got inf"),
+    ({"learning_rate": float("nan")}, r"learning_rate must be > 0 \(a finite number\), got nan"),
+    ({"weight_decay": None}, r"weight_decay must be >= 0 \(a finite number\), got None"),
+    ({"weight_decay": "0.1"}, r"weight_decay must be >= 0 \(a finite number\), got '0.1'"),
+    ({"max_grad_norm": float("inf")}, r"max_grad_norm must be None or > 0 \(a finite number\), got inf"),
+    ({"warmup_ratio": None}, r"warmup_ratio must be in \[0, 1\) \(a finite number\), got None"),
+    ({"batch_size": 2.0}, "batch_size must be an integer >= 1"),
+    ({"packing": "yes"}, "packing must be true or false"),
 ])
 def test_train_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("where", ["notes.txt", "notes.txt/run/deeper"])
+def test_output_dir_that_is_or_lies_under_a_file_is_refused_before_training(tmp_path, where):
+    (tmp_path / "notes.txt").write_text("the user's notes")
+    model, _, examples, cfg = setup(tmp_path)
+    with pytest.raises(ValueError, match=r"notes\.txt is a file; pass an output_dir that is a folder"):
+        Trainer(model, cfg.replace(output_dir=str(tmp_path / where)), examples)
+    assert (tmp_path / "notes.txt").read_text() == "the user's notes"
 
 
 def test_model_without_trainable_parameters_is_refused(tmp_path):
@@ -404,3 +424,62 @@ def test_exact_match_generates_exact_match_max_new_tokens(tmp_path):
     limited = Trainer(model, cfg, examples, exact_match_data=(prompts, three_tokens), tokenizer=tok,
                       exact_match_max_new_tokens=3)
     assert limited.evaluate()["exact_match"] == 1.0
+
+
+def test_checkpoints_save_rotate_and_load_without_a_trainer(tmp_path):
+    from lora.checkpoint import Checkpoints, RunShape, gather_rng, rng_state
+
+    class OneProcess:
+        num_processes = 1
+
+    def model_and_optimizer(seed):
+        model, _, examples, _ = setup(tmp_path / f"m{seed}", seed=seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return model, torch.optim.AdamW(params, lr=1e-2)
+
+    model, optimizer = model_and_optimizer(0)
+    store, shape = Checkpoints(tmp_path / "checkpoints", keep=2), RunShape(10, 1, 2, 1)
+    for step in (1, 2, 3):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.full_like(p, 0.1 * step)
+        optimizer.step()
+        rng = rng_state()
+        store.save(step, model, optimizer, "default", rng, gather_rng(OneProcess(), rng),
+                   {"total_steps": 10, "shape": dataclasses.asdict(shape), "history": [{"step": step}]})
+        expected_draw = torch.rand(3)  # the next draw after the saved state
+    assert [p.name for p in store.all()] == ["step-0000002", "step-0000003"] and store.latest().name == "step-0000003"
+
+    other, other_optimizer = model_and_optimizer(1)  # other weights, empty optimizer state
+    state = Checkpoints.load(store.latest(), other, other_optimizer, shape, process_index=0)
+    assert state["step"] == 3 and state["history"] == [{"step": 3}]
+    assert torch.equal(torch.rand(3), expected_draw)
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        if p.requires_grad:  # the base stays the model's own
+            assert torch.equal(p, q), name
+    saved, loaded = optimizer.state_dict()["state"], other_optimizer.state_dict()["state"]
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[i]["exp_avg"], loaded[i]["exp_avg"]) for i in saved)
+    with pytest.raises(ValueError, match=r"taking 2 rows per optimizer step .* this one takes 4 rows"):
+        Checkpoints.load(store.latest(), other, other_optimizer, RunShape(10, 2, 2, 1), process_index=0)
+
+
+def test_evaluate_without_a_trainer_is_the_mean_token_loss_in_eval_mode(tmp_path):
+    import torch.nn.functional as F
+    from lora.data import IGNORE, collate, model_inputs
+    from lora.evaluate import evaluate
+    from lora.trainer import BatchLoss
+
+    model, _, examples, _ = setup(tmp_path, dropout=0.5)  # dropout: eval mode must switch it off
+    objective = BatchLoss(model, "lm", loss_chunk=7)
+    batches = [collate(examples[:3], 0), collate(examples[3:5], 0)]
+    model.train()
+    metrics = evaluate(objective, batches)
+    assert model.training  # put back
+    model.eval()
+    with torch.no_grad():
+        total = sum(F.cross_entropy(model(**model_inputs(b)).logits.flatten(0, 1), b["targets"].flatten(),
+                                    ignore_index=IGNORE, reduction="sum") for b in batches)
+    count = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
+    assert metrics["eval_loss"] == pytest.approx(float(total) / count, rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]), rel=1e-6)
+    assert evaluate(objective, []) == {}

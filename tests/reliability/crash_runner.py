@@ -102,6 +102,7 @@ def _install_kill(point: str, step: int, variant: int, trainer_ref: list) -> Non
     """Make the child kill itself at ``point`` of optimizer step ``step`` (the step that makes trainer.step == step)."""
     import lora.adapter_io
     import lora.trainer
+    import lora.checkpoint
 
     def at_step() -> bool:
         return bool(trainer_ref) and trainer_ref[0].step == step
@@ -117,7 +118,7 @@ def _install_kill(point: str, step: int, variant: int, trainer_ref: list) -> Non
 
         lora.trainer.Trainer._backward_window = backward_then_die
     elif point in ("mid-file", "mid-adapter-file"):  # half of one checkpoint file written
-        module = lora.trainer if point == "mid-file" else lora.adapter_io
+        module = lora.checkpoint if point == "mid-file" else lora.adapter_io
         real_save, calls = module.save_file, [0]
 
         def save_half_then_die(tensors, filename, *args, **kwargs):

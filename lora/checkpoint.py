@@ -1,0 +1,290 @@
+"""Training checkpoints: write, find, rotate and resume, with nothing pickled.
+
+A checkpoint is a folder ``<output_dir>/checkpoints/step-NNNNNNN`` written atomically by the main process:
+
+- ``adapter/``: the adapter as a PEFT folder (usable on its own);
+- ``trainable.safetensors``: every trainable parameter by name (adapters, trained biases, ``modules_to_save``);
+- ``state.safetensors``: AdamW's moments as ``optim.<parameter>.<field>`` and every process's RNG state;
+- ``trainer_state.json``: step, run length, optimizer scalars and groups, Python's RNG, history, the config, and
+  the shape of the run (processes, rows per optimizer step) that resuming must match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapter_io import save_adapter
+from .atomic import atomic_dir
+from .inject import adapters_of
+
+
+@contextlib.contextmanager
+def whole_parameters(module: nn.Module):
+    """Inside, every FSDP2-sharded parameter of ``module`` is whole (a plain tensor on every process).
+
+    FSDP2 keeps each parameter as a DTensor holding this process's shard; saving those writes empty or partial
+    tensors, a known failure of other stacks. ``unshard()`` all-gathers them into the modules: a collective, so
+    every process must enter together. Outside FSDP this does nothing.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        yield
+        return
+    sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any trainable parameter is a shard (an FSDP2 DTensor), which resuming cannot load yet."""
+    return any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
+               for p in model.parameters() if p.requires_grad)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states: torch (and CUDA) as tensors, Python's ``random`` as JSON-able lists."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(_py_state_to_json(random.getstate()))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], python_state: list) -> None:
+    """Put back states from :func:`rng_state` (``tensors`` holds its tensor entries)."""
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    version, internal, gauss = python_state
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _py_state_to_json(state: tuple) -> tuple:
+    version, internal, gauss = state
+    return version, list(internal), gauss
+
+
+def gather_rng(accelerator: Any, rng: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every process's torch RNG tensors, keyed ``<name>.rank<i>`` (one entry per process).
+
+    Dropout draws differ between processes as their batches differ in shape, so an exact resume needs each
+    process's own state back, not the main process's.
+    """
+    out = {}
+    for name, t in rng.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if accelerator.num_processes == 1:
+            out[f"{name}.rank0"] = t
+            continue
+        rows = accelerator.gather(t.to(accelerator.device)[None]).cpu()  # (processes, state bytes)
+        out.update({f"{name}.rank{i}": row.contiguous() for i, row in enumerate(rows)})
+    return out
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[tuple[int, str]]:
+    """``(index in optimizer.state_dict(), parameter name)`` for every parameter the optimizer holds.
+
+    Paired through the parameter objects, not by position: the optimizer's order (its param groups) need not be the
+    model's (issue 9).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    indices = [i for group in optimizer.state_dict()["param_groups"] for i in group["params"]]
+    unnamed = [tuple(p.shape) for p in params if id(p) not in names]
+    if unnamed:
+        raise ValueError(f"the optimizer holds parameters that are not trainable parameters of the model (shapes "
+                         f"{unnamed[:3]}); build it from [p for p in model.parameters() if p.requires_grad]")
+    return [(i, names[id(p)]) for i, p in zip(indices, params)]
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer,
+                    names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdamW's moments as tensors keyed by parameter name, and its scalar state as JSON (no pickle).
+
+    Args:
+        optimizer: The optimizer.
+        names: ``id(parameter) -> name`` for the model's trainable parameters.
+    """
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, name in optimizer_params(optimizer, names):
+        for key, value in sd["state"].get(index, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                tensors[f"optim.{name}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{name}.{key}"] = float(value)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    return tensors, {"scalars": scalars, "param_groups": groups}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str], tensors: dict[str, torch.Tensor],
+                         meta: dict, source: Path) -> None:
+    """Put the state written by :func:`optimizer_state` back, matched to the parameters by name.
+
+    Raises:
+        ValueError: the checkpoint ``source`` holds state for other parameters than the optimizer's.
+    """
+    entries: dict[str, dict[str, Any]] = {}  # parameter name -> its state; names hold dots, state keys do not
+    for key, t in tensors.items():
+        if key.startswith("optim."):
+            name, _, field = key[len("optim."):].rpartition(".")
+            entries.setdefault(name, {})[field] = t
+    for key, value in meta["scalars"].items():
+        name, _, field = key.rpartition(".")
+        entries.setdefault(name, {})[field] = torch.tensor(value)
+    pairs = optimizer_params(optimizer, names)
+    expected = {name for _, name in pairs}
+    if entries and set(entries) != expected:
+        raise ValueError(f"checkpoint {source} holds optimizer state for other parameters than this optimizer's "
+                         f"(e.g. {sorted(set(entries) ^ expected)[:3]}); use another output_dir or resume=False")
+    state = {index: entries[name] for index, name in pairs if name in entries}
+    sd = optimizer.state_dict()
+    groups = [{**g, **saved, "params": g["params"]} for saved, g in zip(meta["param_groups"], sd["param_groups"])]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+@dataclasses.dataclass
+class RunShape:
+    """What a checkpoint must share with the run that resumes it."""
+
+    total_steps: int
+    processes: int
+    batch_size: int
+    grad_accum: int
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.processes * self.batch_size * self.grad_accum
+
+    def describe(self) -> str:
+        return (f"{self.rows_per_step} rows per optimizer step ({self.processes} processes x batch_size "
+                f"{self.batch_size} x grad_accum {self.grad_accum})")
+
+
+class Checkpoints:
+    """The checkpoints of one run: ``folder/step-NNNNNNN``, the newest ``keep`` of them kept.
+
+    Args:
+        folder: Where the step folders go.
+        keep: How many of the newest checkpoints to keep.
+    """
+
+    def __init__(self, folder: Path, keep: int):
+        self.folder = folder
+        self.keep = keep
+
+    def all(self) -> list[Path]:
+        """Complete checkpoints, oldest first (names are zero-padded step numbers; ``atomic_dir`` renames a
+        checkpoint into place only once it is whole)."""
+        return sorted(self.folder.glob("step-*"))
+
+    def latest(self) -> Path | None:
+        done = self.all()
+        return done[-1] if done else None
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, adapter: str,
+             rng: dict[str, Any], rng_tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+        """Write the checkpoint of ``step`` (main process only), then drop all but the newest ``keep``.
+
+        Args:
+            step: Optimizer steps done.
+            model: The model (its trainable parameters and adapter are saved).
+            optimizer: The optimizer whose state is saved by parameter name; None to save none (DeepSpeed's
+                ZeRO optimizer keeps its state partitioned in its engine).
+            adapter: The adapter saved as a PEFT folder.
+            rng: This process's :func:`rng_state` at the step boundary (Python's part is saved).
+            rng_tensors: Every process's torch RNG states, from :func:`gather_rng`.
+            state: More JSON to keep in ``trainer_state.json`` (history, config, run shape).
+        """
+        final = self.folder / f"step-{step:07d}"
+        if final.exists():
+            return final
+        with atomic_dir(final) as tmp:
+            if adapters_of(model):
+                save_adapter(model, tmp / "adapter", adapter=adapter)
+            trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            save_file({n: p.detach().float().cpu().contiguous() for n, p in trainable.items()},
+                      str(tmp / "trainable.safetensors"))
+            if optimizer is None:  # DeepSpeed: ZeRO partitions the optimizer state inside its engine
+                tensors, meta = {}, None
+            else:
+                tensors, meta = optimizer_state(optimizer, {id(p): n for n, p in trainable.items()})
+            tensors.update({f"rng.{k}": v for k, v in rng_tensors.items()})
+            save_file(tensors, str(tmp / "state.safetensors"))
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {"step": step, "optimizer": meta, "python_random": rng["python"], **state}, indent=1))
+        for old in self.all()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, shape: RunShape,
+             process_index: int) -> dict[str, Any]:
+        """Load checkpoint ``path`` into ``model``, ``optimizer`` and the RNGs; returns its ``trainer_state.json``.
+
+        A run with another number of processes may resume if it takes the same rows per optimizer step: every
+        step then sees the same rows and the same summed gradient. Each process takes its own RNG state back (the
+        main process's when the process count changed, so dropout draws then differ from an uninterrupted run's).
+
+        Raises:
+            ValueError: the checkpoint belongs to a run of another length or batch, or holds other parameters.
+        """
+        state = json.loads((path / "trainer_state.json").read_text())
+        if is_sharded(model):
+            raise ValueError(f"resuming from {path} under FSDP is not supported yet: the trainable parameters are "
+                             f"shards, and the checkpoint holds them whole. Its adapter is in {path / 'adapter'}; "
+                             f"resume with DDP (the LoRA weights are small), or set resume=False")
+        if state["total_steps"] != shape.total_steps:
+            raise ValueError(f"checkpoint {path} was for a run of {state['total_steps']} steps, this one has "
+                             f"{shape.total_steps}; keep the data and epochs/max_steps the same to resume")
+        if "shape" in state:
+            saved = RunShape(**state["shape"])
+            if saved.rows_per_step != shape.rows_per_step:
+                raise ValueError(
+                    f"checkpoint {path} was written by a run taking {saved.describe()}; this one takes "
+                    f"{shape.describe()}, so every later step would see other rows. Resume with processes x "
+                    f"batch_size x grad_accum = {saved.rows_per_step}, or set resume=False")
+        if state["optimizer"] is None:
+            raise ValueError(f"checkpoint {path} was written under DeepSpeed or FSDP, which keep the optimizer "
+                             f"state partitioned across processes, and holds none, so it cannot resume exactly; its "
+                             f"adapter is in {path / 'adapter'}. Set resume=False, or train with DDP to resume runs")
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        weights = load_file(str(path / "trainable.safetensors"))
+        if set(weights) != set(trainable):
+            raise ValueError(f"checkpoint {path} holds other trainable parameters than this model "
+                             f"(e.g. {sorted(set(weights) ^ set(trainable))[:3]}); use another output_dir or "
+                             f"resume=False")
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(weights[n].to(p.dtype))
+        tensors = load_file(str(path / "state.safetensors"))
+        load_optimizer_state(optimizer, {id(p): n for n, p in trainable.items()}, tensors, state["optimizer"], path)
+        same_processes = state.get("shape", {}).get("processes", 1) == shape.processes
+        rank = process_index if same_processes else 0
+        rng = {}
+        for key, t in tensors.items():
+            if key.startswith("rng."):
+                name, _, which = key[len("rng."):].partition(".")
+                if which in ("", f"rank{rank}"):  # "" : a checkpoint from before per-process states
+                    rng[name] = t
+        set_rng_state(rng, state["python_random"])
+        return state
+
+
+__all__ = ["Checkpoints", "RunShape", "whole_parameters", "is_sharded", "rng_state", "set_rng_state", "gather_rng", "optimizer_state",
+           "load_optimizer_state"]

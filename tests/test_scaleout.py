@@ -1,0 +1,150 @@
+"""Scale-out on two CPU processes (torchrun, DDP over gloo): no run hangs, and resume works anywhere (issue 11).
+
+- A NaN on one process stops every process with the same FloatingPointError (a process that stopped alone left
+  the other waiting in the gradient all-reduce forever).
+- Fewer rows than processes: the process without rows runs a zero-weight padding micro-batch, so DDP's all-reduce
+  still meets, and the run trains exactly as one process on those rows.
+- A two-process run killed with SIGKILL resumes to the adapter of an uninterrupted two-process run; one process
+  may resume it when it takes the same rows per optimizer step (exact), and is refused with a clear message when
+  it does not.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora
+from lora.trainer import Trainer
+from test_trainer import setup
+
+TESTS = Path(__file__).parent
+# 2 processes x batch_size 2 x grad_accum 2 = 8 rows per optimizer step
+TRAIN = dict(packing=False, batch_size=2, grad_accum=2, max_steps=4, learning_rate=5e-3, save_every=2)
+
+WORKER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from safetensors.torch import save_file
+    import torch
+    import lora
+    from lora.trainer import Trainer
+    from test_trainer import setup
+
+    scenario, tmp = {scenario!r}, Path({tmp!r})
+
+    def save(model, trainer, name):
+        if trainer.accelerator.is_main_process:
+            save_file({{k: v.contiguous() for k, v in lora.adapter_state_dict(model).items()}}, str(tmp / name))
+
+    def run(folder, callbacks=(), rows=None, **changes):
+        model, _, examples, cfg = setup(tmp / folder, **{{**{train!r}, **changes}})
+        trainer = Trainer(model, cfg, examples[:rows] if rows else examples, callbacks=list(callbacks))
+        assert trainer.world == 2, trainer.world
+        trainer.train()
+        return model, trainer
+
+    if scenario == "reference":  # an uninterrupted run, and a run on one row
+        save(*run("uninterrupted"), "uninterrupted.safetensors")
+        save(*run("one-row", rows=1, batch_size=1, grad_accum=1, max_steps=2), "one-row.safetensors")
+    elif scenario == "nan-on-rank-1":
+        def poison(trainer, step, metrics):
+            if step == 2 and trainer.accelerator.process_index == 1:  # this process's copy of the weights only
+                with torch.no_grad():
+                    trainer.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.fill_(float("nan"))
+        try:
+            run("nan", callbacks=[poison], save_every=1)
+        except FloatingPointError as e:
+            print(f"RANK {{os.environ['RANK']}}: {{e}}", flush=True)
+            sys.exit(3)
+    elif scenario == "killed":
+        def kill_at_3(trainer, step, metrics):
+            if step == 3 and trainer.accelerator.process_index == 1:
+                os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final checkpoint
+        run("killed", callbacks=[kill_at_3])
+    elif scenario == "resume":
+        save(*run("killed", resume=True), "resumed.safetensors")
+""")
+
+
+def torchrun(tmp: Path, scenario: str, timeout: float) -> subprocess.CompletedProcess:
+    script = tmp / f"{scenario}.py"
+    script.write_text(WORKER.format(tests=str(TESTS), tmp=str(tmp), scenario=scenario, train=TRAIN))
+    try:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "2", str(script)], capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{scenario}: a process hung (still running after {timeout} s)")
+
+
+def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, atol=atol, rtol=0.0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("two")
+    proc = torchrun(tmp, "reference", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+def test_a_nan_on_one_process_stops_both_with_the_same_error(tmp_path):
+    started = time.perf_counter()
+    proc = torchrun(tmp_path, "nan-on-rank-1", timeout=60)
+    assert time.perf_counter() - started < 60
+    assert proc.returncode != 0
+    errors = sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK "))
+    assert [e[:6] for e in errors] == ["RANK 0", "RANK 1"], proc.stdout[-2000:] + proc.stderr[-3000:]
+    messages = {e[len("RANK 0: "):] for e in errors}
+    assert len(messages) == 1, errors  # the same decision, the same words, on both
+    # rank 1's weights are NaN, so the newest checkpoint (step 2, saved before the poison) is the last good state
+    assert "loss became nan at step 3" in errors[0] and "step-0000002" in errors[0], errors[0]
+
+
+def test_fewer_rows_than_processes_trains_as_one_process_would(tmp_path, two_processes):
+    model, _, examples, cfg = setup(tmp_path, **{**TRAIN, "batch_size": 1, "grad_accum": 1, "max_steps": 2})
+    Trainer(model, cfg, examples[:1]).train()
+    assert_same(load_file(two_processes / "one-row.safetensors"), lora.adapter_state_dict(model), atol=1e-6)
+
+
+def test_a_killed_two_process_run_resumes_on_two_processes_or_on_one_with_the_same_global_batch(tmp_path,
+                                                                                                two_processes):
+    uninterrupted = load_file(two_processes / "uninterrupted.safetensors")
+    killed = torchrun(tmp_path, "killed", timeout=240)
+    assert killed.returncode != 0
+    checkpoints = tmp_path / "killed" / "out" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-0000002"]
+    state = json.loads((checkpoints / "step-0000002" / "trainer_state.json").read_text())
+    assert state["shape"] == {"total_steps": 4, "processes": 2, "batch_size": 2, "grad_accum": 2}
+    single_dir = tmp_path / "single"
+    single_dir.mkdir()
+    shutil.copytree(tmp_path / "killed" / "out", single_dir / "out")
+
+    resumed = torchrun(tmp_path, "resume", timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same(load_file(tmp_path / "resumed.safetensors"), uninterrupted)  # bit for bit
+
+    # one process, batch_size 4: the same 8 rows per step, in the same order
+    model, _, examples, cfg = setup(single_dir, **{**TRAIN, "batch_size": 4, "resume": True})
+    assert Trainer(model, cfg, examples).train().steps == 4
+    assert_same(lora.adapter_state_dict(model), uninterrupted, atol=1e-6)
+
+    model, _, examples, cfg = setup(single_dir, **{**TRAIN, "resume": True})  # 4 rows per step: refused
+    shutil.rmtree(single_dir / "out" / "checkpoints" / "step-0000004")
+    with pytest.raises(ValueError, match=r"step-0000002 was written by a run taking 8 rows per optimizer step \(2 "
+                                         r"processes x batch_size 2 x grad_accum 2\); this one takes 4 rows .*"
+                                         r"processes x batch_size x grad_accum = 8, or set resume=False"):
+        Trainer(model, cfg, examples).train()

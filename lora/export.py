@@ -38,13 +38,13 @@ def resolve_base_folder(model: str | os.PathLike) -> Path:
     if name in EMBEDDED_MODELS:
         return converted_folder(name)
     path = Path(name).expanduser()
-    if not path.exists():
-        raise ValueError(f"no model {name!r}: no such folder, and not one of the embedded models "
-                         f"{sorted(EMBEDDED_MODELS)}; pass a Hugging Face model folder or an embedded name")
     if path.suffix == ".gguf":
         raise ValueError(f"{path} is a GGUF file; export needs the base model as a Hugging Face folder or "
                          f"{sorted(EMBEDDED_MODELS)}. Convert it first: python -c \"import lora; m, t = "
                          f"lora.load_model('{path}'); m.save_pretrained('base'); t.save_pretrained('base')\"")
+    if not path.exists():
+        raise ValueError(f"no model {name!r}: no such folder, and not one of the embedded models "
+                         f"{sorted(EMBEDDED_MODELS)}; pass a Hugging Face model folder or an embedded name")
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a Hugging Face model folder (no config.json); pass a folder written by "
                          f"save_pretrained, or an embedded name such as {sorted(EMBEDDED_MODELS)[0]!r}")

@@ -570,7 +570,7 @@ def _(tmp):
     return settings(["r=0"])
 
 
-@row("recipe-learning-rate-nan", r"TrainConfig\.learning_rate must be", r"> 0, got nan")
+@row("recipe-learning-rate-nan", r"TrainConfig\.learning_rate must be", r"> 0 \(a finite number\), got nan")
 def _(tmp):
     return settings(["learning_rate=nan"])
 

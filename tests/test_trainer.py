@@ -335,8 +335,11 @@ def test_a_hand_written_gpt_that_takes_position_ids_is_packed(tmp_path):
     assert torch.equal(model.seen_positions, batch["position_ids"])  # restarting positions reached the model
 
 
-def test_optimizer_state_is_matched_by_parameter_name_on_resume(tmp_path):
-    train = dict(max_steps=4, batch_size=2, learning_rate=5e-3)
+def assert_stopped_and_resumed_run_is_exact(tmp_path, before_first_run=None, **train):
+    """A run stopped at step 2 and resumed ends with the adapter of an uninterrupted run, bit for bit.
+
+    ``before_first_run(trainer)`` may alter the stopped run's trainer first.
+    """
     model, _, examples, cfg = setup(tmp_path / "a", **train)
     Trainer(model, cfg, examples).train()
     uninterrupted = lora.adapter_state_dict(model)
@@ -347,12 +350,21 @@ def test_optimizer_state_is_matched_by_parameter_name_on_resume(tmp_path):
 
     model, _, examples, cfg = setup(tmp_path / "b", **train)
     trainer = Trainer(model, cfg, examples, callbacks=[stop_at_2])
-    trainer.optimizer.param_groups[0]["params"].reverse()  # the optimizer's order is no longer the model's
+    if before_first_run is not None:
+        before_first_run(trainer)
     assert trainer.train().steps == 2
-    model, _, examples, cfg = setup(tmp_path / "b", resume=True, **train)  # the model's own order again
-    assert Trainer(model, cfg, examples).train().steps == 4
+    model, _, examples, cfg = setup(tmp_path / "b", resume=True, **train)
+    assert Trainer(model, cfg, examples).train().steps == train["max_steps"]
     for k, v in lora.adapter_state_dict(model).items():
         assert torch.equal(v, uninterrupted[k]), k
+
+
+def test_optimizer_state_is_matched_by_parameter_name_on_resume(tmp_path):
+    def reverse_the_optimizer_order(trainer):  # no longer the model's order; the resumed run has the model's own
+        trainer.optimizer.param_groups[0]["params"].reverse()
+
+    assert_stopped_and_resumed_run_is_exact(tmp_path, reverse_the_optimizer_order, max_steps=4, batch_size=2,
+                                            learning_rate=5e-3)
 
 
 def test_a_checkpoint_with_optimizer_state_for_other_parameters_is_refused(tmp_path):

@@ -5,7 +5,7 @@ import torch
 
 import lora
 from lora.trainer import TrainConfig, Trainer
-from test_trainer import setup
+from test_trainer import assert_stopped_and_resumed_run_is_exact, setup
 
 
 def one_step(tmp_path, ratio):
@@ -44,20 +44,6 @@ def test_ratio_one_is_plain_lora(tmp_path):
 
 
 def test_resume_keeps_the_b_learning_rate(tmp_path):
-    train = dict(max_steps=4, batch_size=2, loraplus_lr_ratio=8.0)
-    model, _, examples, cfg = setup(tmp_path / "a", **train)
-    Trainer(model, cfg, examples).train()
-    uninterrupted = lora.adapter_state_dict(model)
-
-    def stop_at_2(trainer, step, metrics):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    model, _, examples, cfg = setup(tmp_path / "b", **train)
-    Trainer(model, cfg, examples, callbacks=[stop_at_2]).train()
-    model, _, examples, cfg = setup(tmp_path / "b", resume=True, **train)
-    Trainer(model, cfg, examples).train()
-    for k, v in lora.adapter_state_dict(model).items():
-        assert torch.equal(v, uninterrupted[k]), k
+    assert_stopped_and_resumed_run_is_exact(tmp_path, max_steps=4, batch_size=2, loraplus_lr_ratio=8.0)
     with pytest.raises(ValueError, match="loraplus_lr_ratio must be > 0"):
         TrainConfig(loraplus_lr_ratio=0)

@@ -20,6 +20,7 @@ FORMATS = {
     "prompt_completion": "'prompt' and 'completion'",
     "text": "'text' (plain text for continued pre-training)",
     "classification": "'text' and 'label'",
+    "preference": "'prompt', 'chosen' and 'rejected' (DPO pairs)",
 }
 OVERLONG = ("truncate", "drop")
 _ROLES = ("system", "user", "assistant")
@@ -30,6 +31,8 @@ def detect_format(record: dict) -> str | None:
     keys = set(record)
     if "messages" in keys:
         return "chat"
+    if {"prompt", "chosen", "rejected"} <= keys:
+        return "preference"
     if {"instruction", "output"} <= keys:
         return "alpaca"
     if {"prompt", "completion"} <= keys:
@@ -52,6 +55,9 @@ def _check_record(record: dict, fmt: str) -> str | None:
     elif fmt == "prompt_completion":
         if not (is_str("prompt") and is_str("completion")):
             return "'prompt' and 'completion' must be strings"
+    elif fmt == "preference":
+        if not (is_str("prompt") and is_str("chosen") and is_str("rejected")):
+            return "'prompt', 'chosen' and 'rejected' must be strings"
     elif fmt == "text":
         if not is_str("text") or not record["text"]:
             return "'text' must be a non-empty string"
@@ -220,18 +226,31 @@ def to_messages(record: dict, fmt: str) -> list[dict]:
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    """Token ids of a conversation through the tokenizer's chat template (a plain fallback if it has none)."""
+    """Token ids of a conversation: the one place prompts are formatted, for training, evaluation and generation.
+
+    A tokenizer with a chat template uses it. Without one (base models, GPT-2), a plain template: each turn is
+    ``"role:"`` then ``" content"``, tokenized as separate pieces and joined as ids, with EOS closing each assistant
+    turn. Tokenizing the pieces apart is what keeps a prompt's ids a prefix of the same prompt with its answer: one
+    string ``"assistant: c"`` would let a byte-level BPE merge the space into the answer (``":", "Ġc"``) while the
+    prompt alone ends in ``":", "Ġ"``.
+    """
     if getattr(tokenizer, "chat_template", None):
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                   tokenize=True, return_dict=True)["input_ids"])
-    # No template (base models, test tokenizers): "role: content" lines, EOS closing each assistant turn.
-    ids: list[int] = []
+
+    def piece(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    bos = tokenizer.bos_token_id
+    ids: list[int] = [bos] if bos is not None and getattr(tokenizer, "add_bos_token", False) else []
     for m in messages:
-        ids += tokenizer(f"{m['role']}: {m['content']}\n", add_special_tokens=False)["input_ids"]
+        ids += piece(f"{m['role']}:")
         if m["role"] == "assistant":
-            ids.append(tokenizer.eos_token_id)
+            ids += piece(f" {m['content']}") + [tokenizer.eos_token_id]
+        else:
+            ids += piece(f" {m['content']}\n")
     if add_generation_prompt:
-        ids += tokenizer("assistant: ", add_special_tokens=False)["input_ids"]
+        ids += piece("assistant:")
     return ids
 
 
@@ -301,6 +320,9 @@ def load_dataset(path: str | Path, tokenizer, format: str | None = None, max_len
             isinstance(n, (str, int)) and not isinstance(n, bool) for n in label_names)):
         raise ValueError(f"label_names must be a list of class labels (strings or integers), got {label_names!r}")
     fmt, records, linenos = _read(path, format)
+    if fmt == "preference":
+        raise ValueError(f"{path} holds preference pairs ({FORMATS[fmt]}); train on them with recipes/dpo.py (or "
+                         f"lora.dpo.load_preferences), not as instruction examples")
     stats = DataStats(examples=len(records))
     if fmt == "classification":
         found = {r["label"] for r in records}  # one kind (checked by _read), so they sort: 2 before 10
@@ -407,8 +429,12 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def prompts_and_answers(path: str | Path) -> tuple[list[str], list[str]]:
-    """The user prompt and expected answer of every example in an instruction file (for exact match)."""
+def prompts_and_answers(path: str | Path) -> tuple[list[list[dict]], list[str]]:
+    """The prompt and expected answer of every example in an instruction file (for exact match).
+
+    A prompt is the conversation before the answer (system prompt and earlier turns included), for
+    :func:`lora.generate.exact_match` to format exactly as training did (:func:`render_chat`).
+    """
     fmt, records, linenos = _read(path, None)
     if fmt not in ("alpaca", "prompt_completion", "chat"):
         raise ValueError(f"{path} is in the {fmt!r} format; exact-match evaluation needs prompts with answers")
@@ -418,7 +444,7 @@ def prompts_and_answers(path: str | Path) -> tuple[list[str], list[str]]:
         if len(messages) < 2 or messages[-1]["role"] != "assistant" or messages[-2]["role"] == "assistant":
             raise ValueError(f"{path}:{lineno}: exact-match evaluation needs a conversation that ends with a prompt "
                              f"turn and then the assistant's answer; found the roles {[m['role'] for m in messages]}")
-        prompts.append(messages[-2]["content"])
+        prompts.append(messages[:-1])
         answers.append(messages[-1]["content"])
     return prompts, answers
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .data import render_chat
 from .inject import row_adapters
+
+Conversation = list[dict]  # chat messages, {"role": ..., "content": ...}
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -42,11 +45,18 @@ def _is_hf(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "get_input_embeddings") and hasattr(model, "can_generate")
 
 
-def _encode(tokenizer, prompts: list[str], chat: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``(B, T)`` ids and attention mask; prompts go through the chat template when ``chat``."""
+def _is_conversation(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+
+
+def _encode(tokenizer, prompts: list[str | Conversation], chat: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(B, T)`` ids and attention mask. With ``chat``, a string is a user turn and a conversation is
+    taken whole; both are formatted by :func:`lora.data.render_chat`, exactly as training formats them."""
     if chat:
-        rows = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=True)["input_ids"] for p in prompts]
+        rows = [render_chat(tokenizer, p if _is_conversation(p) else [{"role": "user", "content": p}],
+                            add_generation_prompt=True) for p in prompts]
+    elif any(_is_conversation(p) for p in prompts):
+        raise ValueError("a conversation prompt needs chat formatting; pass chat=True (or a string prompt)")
     else:
         rows = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     width = max(len(r) for r in rows)
@@ -60,7 +70,8 @@ def _encode(tokenizer, prompts: list[str], chat: bool, device) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompt: str | list[str] | torch.Tensor, max_new_tokens: int = 64,
+def generate(model: nn.Module, tokenizer, prompt: str | Conversation | list[str | Conversation] | torch.Tensor,
+             max_new_tokens: int = 64,
              temperature: float = 0.7, top_k: int = 50, top_p: float = 0.95, seed: int | None = None,
              chat: bool | None = None, eos_token_id: int | None = None,
              adapter_names: list[str | None] | None = None) -> str | list[str] | torch.Tensor:
@@ -70,13 +81,16 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str] | torch.Tensor
         model: A Hugging Face causal LM (uses its KV cache), or any ``nn.Module`` mapping ``(B, T)`` token ids to
             ``(B, T, V)`` logits.
         tokenizer: The model's tokenizer; ``None`` when ``prompt`` is a tensor of token ids.
-        prompt: A string, a list of strings (batched, left-padded), or a ``(B, T)`` tensor of token ids.
+        prompt: A string, a conversation (a list of ``{"role", "content"}`` messages ending before the answer), a
+            list of those (batched, left-padded), or a ``(B, T)`` tensor of token ids.
         max_new_tokens: At most this many tokens are added.
         temperature: Logits are divided by it; 0 means greedy.
         top_k: Sample among the k most likely tokens (0: all).
         top_p: Sample within the nucleus of probability mass ``top_p`` (1.0: all).
         seed: Seed for a private generator, so results repeat without touching the global RNG.
-        chat: Wrap string prompts in the tokenizer's chat template as a user turn (default: when it has one).
+        chat: Format prompts as training does (:func:`lora.data.render_chat`: the chat template, or the plain
+            ``role: content`` one for a tokenizer without a template), a string as a user turn (default: when the
+            tokenizer has a chat template, or the prompt is a conversation).
         eos_token_id: Stop token (default: the tokenizer's EOS). A finished row is padded with it.
         adapter_names: One adapter name per prompt (None: the base model), all answered in one batch as if each
             ran alone with its adapter active (see :func:`lora.row_adapters`).
@@ -86,7 +100,7 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str] | torch.Tensor
         the ``(B, T + n)`` token ids, prompt included.
     """
     if adapter_names is not None:
-        rows = 1 if isinstance(prompt, str) else len(prompt)
+        rows = 1 if isinstance(prompt, str) or _is_conversation(prompt) else len(prompt)
         if len(adapter_names) != rows:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for {rows} prompts; give one adapter "
                              f"name (or None for the base model) per prompt")
@@ -109,9 +123,10 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str] | torch.Tensor
     else:
         if tokenizer is None:
             raise ValueError("text prompts need a tokenizer; pass one, or pass token ids as a (batch, T) tensor")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        single = isinstance(prompt, str) or _is_conversation(prompt)
+        prompts = [prompt] if single else list(prompt)
         if chat is None:
-            chat = getattr(tokenizer, "chat_template", None) is not None
+            chat = getattr(tokenizer, "chat_template", None) is not None or any(map(_is_conversation, prompts))
         ids, mask = _encode(tokenizer, prompts, chat, device)
     if eos_token_id is None and tokenizer is not None:
         eos_token_id = tokenizer.eos_token_id
@@ -146,22 +161,29 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str] | torch.Tensor
     if isinstance(prompt, torch.Tensor):
         return ids
     texts = tokenizer.batch_decode(ids[:, prompt_len:], skip_special_tokens=True)
-    return texts[0] if isinstance(prompt, str) else texts
+    return texts[0] if single else texts
 
 
-def exact_match(model, tokenizer, prompts: list[str], answers: list[str], max_new_tokens: int | None = None,
-                batch_size: int = 32) -> tuple[float, list[str]]:
+def exact_match(model, tokenizer, prompts: list[str | Conversation], answers: list[str],
+                max_new_tokens: int | None = None, batch_size: int = 32) -> tuple[float, list[str]]:
     """Greedy answers to ``prompts`` and the fraction equal to ``answers`` (whitespace stripped).
 
-    ``max_new_tokens`` defaults to the longest answer plus 4 tokens (its end-of-turn markers): a longer answer
-    cannot match, and generation is the slow part.
+    Prompts (strings as user turns, or whole conversations from :func:`lora.data.prompts_and_answers`) are
+    formatted as in training. They are answered in batches of similar length, so little of a batch is padding;
+    the predictions come back in the order of ``prompts``. ``max_new_tokens`` defaults to the longest answer plus
+    4 tokens (its end-of-turn markers): a longer answer cannot match, and generation is the slow part.
     """
     if max_new_tokens is None:
         max_new_tokens = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 4
-    predictions: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        predictions += generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
-                                temperature=0)
+    size = [len(p) if isinstance(p, str) else sum(len(m["content"]) for m in p) for p in prompts]
+    order = sorted(range(len(prompts)), key=size.__getitem__)
+    predictions: list[str] = [""] * len(prompts)
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        got = generate(model, tokenizer, [prompts[j] for j in rows], max_new_tokens=max_new_tokens,
+                       temperature=0, chat=True)
+        for j, text in zip(rows, got):
+            predictions[j] = text
     correct = sum(p.strip() == a.strip() for p, a in zip(predictions, answers))
     return correct / max(len(answers), 1), predictions
 

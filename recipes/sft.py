@@ -59,7 +59,7 @@ def main(argv: list[str]) -> dict:
         print(f"held-out exact match after training: {accuracy_after:.1%}")
         _, shown = exact_match(model, tokenizer, prompts[:3], answers[:3], settings.eval_max_new_tokens)
         for prompt, answer, got in zip(prompts, answers, shown):
-            print(f"  {prompt.splitlines()[-1][:70]!r} -> {got!r} (expected {answer!r})")
+            print(f"  {prompt[-1]['content'].splitlines()[-1][:70]!r} -> {got!r} (expected {answer!r})")
     if not trainer.accelerator.is_main_process:  # under `accelerate launch`, one process writes the outputs
         return {}
     metrics = finish(model, settings.adapter_dir, train_cfg.output_dir, {

@@ -77,8 +77,39 @@ def test_multi_turn_chat_learns_every_assistant_turn(tmp_path, char_tokenizer):
 def test_tokenizer_without_chat_template_uses_the_plain_fallback(tmp_path):
     tok = make_char_tokenizer(chat_template=None)
     (ex,), _ = load_dataset(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"}]), tok)
-    assert tok.decode(ex["input_ids"]) == "user: p\nassistant: c\n<|im_end|>"
-    assert tok.decode([t for t in ex["targets"] if t != IGNORE]) == "c\n<|im_end|>"
+    assert tok.decode(ex["input_ids"]) == "user: p\nassistant: c<|im_end|>"
+    assert tok.decode([t for t in ex["targets"] if t != IGNORE]) == " c<|im_end|>"
+
+
+def test_a_byte_level_bpe_without_chat_template_trains_and_generates_from_the_same_prompt(tmp_path):
+    """GPT-2-style: "assistant: " alone ends in [":", "Ġ"] but [":", "Ġc"] with the answer; the plain template
+    must keep the prompt a prefix of the example, and generation must see exactly the training prompt."""
+    from conftest import make_bpe_tokenizer
+    from lora.generate import _encode
+
+    tok = make_bpe_tokenizer()
+    tok.chat_template = None
+    records = [{"prompt": "the capital of France", "completion": "Paris"},
+               {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"},
+                             {"role": "assistant", "content": "the lazy dog"}]}]
+    for record in records:
+        (ex,), _ = load_dataset(write_jsonl(tmp_path / "d.jsonl", [record]), tok)
+        answer = record.get("completion") or record["messages"][-1]["content"]
+        first = next(i for i, t in enumerate(ex["targets"]) if t != IGNORE) + 1  # targets are shifted by one
+        assert tok.decode(ex["input_ids"][first:]).strip() == answer + tok.eos_token
+        prompt = record["messages"][:-1] if "messages" in record else record["prompt"]
+        ids, _ = _encode(tok, [prompt], chat=True, device="cpu")
+        assert ids[0].tolist() == ex["input_ids"][:first]
+
+
+def test_exact_match_prompts_keep_the_system_prompt_and_earlier_turns(tmp_path, char_tokenizer):
+    from lora.data import prompts_and_answers
+
+    turns = [{"role": "system", "content": "S"}, {"role": "user", "content": "1+1"},
+             {"role": "assistant", "content": "2"}, {"role": "user", "content": "2+2"},
+             {"role": "assistant", "content": "4"}]
+    prompts, answers = prompts_and_answers(write_jsonl(tmp_path / "d.jsonl", [{"messages": turns}]))
+    assert prompts == [turns[:-1]] and answers == ["4"]
 
 
 def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path, char_tokenizer):

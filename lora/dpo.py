@@ -3,13 +3,12 @@ its adapters switched off (:func:`lora.disabled`), never a second copy of the we
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE, DataStats, tokenize_chat
+from .data import IGNORE, DataStats, read_jsonl, tokenize_chat
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -50,32 +49,19 @@ def load_preferences(path: str | Path, tokenizer, max_length: int | None = None)
     Raises:
         ValueError: ``file:line`` and what is wrong there, or no pair left.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"preference file {path} does not exist")
+    _, records = read_jsonl(path, format="preference")
     pairs, stats = [], DataStats()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
-                                                       for k in ("prompt", "chosen", "rejected")):
-                raise ValueError(f"{path}:{lineno}: a preference record needs the strings 'prompt', 'chosen' and "
-                                 f"'rejected'; found {sorted(record) if isinstance(record, dict) else record!r}")
-            stats.examples += 1
-            chosen = _completion(tokenizer, record["prompt"], record["chosen"], max_length)
-            rejected = _completion(tokenizer, record["prompt"], record["rejected"], max_length)
-            if chosen is None or rejected is None:
-                stats.dropped += 1
-                continue
-            pairs.append({"chosen": chosen, "rejected": rejected})
-            for example in (chosen, rejected):
-                stats.tokens += len(example["input_ids"])
-                stats.target_tokens += sum(t != IGNORE for t in example["targets"])
+    for record in records:
+        stats.examples += 1
+        chosen = _completion(tokenizer, record["prompt"], record["chosen"], max_length)
+        rejected = _completion(tokenizer, record["prompt"], record["rejected"], max_length)
+        if chosen is None or rejected is None:
+            stats.dropped += 1
+            continue
+        pairs.append({"chosen": chosen, "rejected": rejected})
+        for example in (chosen, rejected):
+            stats.tokens += len(example["input_ids"])
+            stats.target_tokens += sum(t != IGNORE for t in example["targets"])
     if not pairs:
         raise ValueError(f"{path} holds no usable preference pair ({stats.describe()}); check the file, or raise "
                          f"max_length")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import lora
+from lora.data import load_dataset
 from lora.dpo import load_preferences
 from lora.trainer import TrainConfig, Trainer
 from conftest import make_char_tokenizer, make_llama_for, randomize_adapters
@@ -72,7 +73,12 @@ def test_bad_preference_files_are_refused_with_the_line(tmp_path):
     tok = make_char_tokenizer()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: a preference record needs the strings 'prompt', 'chosen'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: 'prompt', 'chosen' and 'rejected' must be strings for the "
+                                         r"'preference' format"):
         load_preferences(bad, tok)
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    with pytest.raises(ValueError, match=r"holds preference pairs .* recipes/dpo.py"):
+        load_dataset(good, tok)
     with pytest.raises(ValueError, match="does not exist"):
         load_preferences(tmp_path / "missing.jsonl", tok)

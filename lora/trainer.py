@@ -256,19 +256,20 @@ def _upcast_trainable(model: nn.Module, mixed_precision: str, precision: str) ->
 
 
 def _head_and_decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """The decoder (returns hidden states) and output head of a plain HF causal LM, or None to use full logits.
-
-    Models that post-process logits (soft-capping, scaling) are left on the full-logits path.
-    """
-    config = getattr(model, "config", None)
+    """The decoder (returns hidden states) and output head of a Hugging Face causal LM, or None for a model that
+    has no such split. Whether ``head(decoder(x))`` really gives the model's logits is checked by
+    :meth:`BatchLoss.check_shortcut` before training uses it."""
     prefix = getattr(model, "base_model_prefix", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     decoder = getattr(model, prefix, None) if prefix else None
-    if config is None or head is None or decoder is None or decoder is model:
-        return None
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+    if getattr(model, "config", None) is None or head is None or decoder is None or decoder is model:
         return None
     return decoder, head
+
+
+def _max_relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to b's largest magnitude (0 for equal tensors)."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
 class BatchLoss(nn.Module):
@@ -287,8 +288,34 @@ class BatchLoss(nn.Module):
         self.task = task
         self.loss_chunk = loss_chunk
         self.dpo_beta = dpo_beta
-        self.parts = None if task == "classification" else _head_and_decoder(model)
+        self.candidate = None if task == "classification" else _head_and_decoder(model)
+        self.parts: tuple[nn.Module, nn.Module] | None = None  # the shortcut, once check_shortcut has proved it
         self.takes = _forward_takes(model)
+
+    @torch.no_grad()
+    def check_shortcut(self, batch: dict[str, torch.Tensor]) -> tuple[bool, float]:
+        """Whether ``head(decoder(x))`` gives the model's own logits on ``batch``; ``(exact, max relative gap)``.
+
+        The shortcut computes logits only where a label is, a chunk at a time (far less memory than the full
+        ``(B, T, vocab)`` logits), but it skips whatever a model's forward does after its head: soft-capping
+        (Gemma 2), dividing by ``logits_scaling`` (Granite), multiplying by ``lm_head_multiplier`` (Falcon-H1), and
+        whatever future models add. Comparing the two on one batch, instead of keeping a list of attribute names,
+        catches all of them. Both sides run the head on the same ``(B, T, H)`` tensor, so for a model that adds
+        nothing they agree to rounding; any gap above that turns the shortcut off (the safe side).
+        """
+        if self.candidate is None or "input_ids" not in self.takes:
+            return False, float("nan")
+        decoder, head = self.candidate
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            inputs = model_inputs(batch)
+            full = self.model(**inputs).logits
+            short = head(decoder(**inputs).last_hidden_state)
+        finally:
+            self.model.train(was_training)
+        gap = _max_relative_gap(short, full) if short.shape == full.shape else float("inf")
+        return gap <= 1e-5, gap
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.task == "classification":
@@ -352,6 +379,42 @@ class BatchLoss(nn.Module):
         # model every real token comes before the pads, and pads carry no loss.
         return self.model(inputs["input_ids"], **({"position_ids": inputs["position_ids"]}
                                                   if "position_ids" in self.takes else {}))
+
+
+@torch.no_grad()
+def packing_gap(objective: "BatchLoss", examples: list[dict], seq_len: int, pad_id: int) -> float | None:
+    """How far a packed row's per-token losses stray from the same examples' losses in a padded batch.
+
+    Packing keeps examples apart only through ``position_ids`` that restart at 0, which a model must turn into
+    block-diagonal attention; some do not (they ignore the positions for the mask, or use none, like ALiBi). The
+    probe packs the first examples that fit one row and compares every target token's loss; returns the largest
+    gap relative to the mean token loss, or None when there are not two examples to pack.
+    """
+    chosen, used = [], 0
+    for ex in examples:
+        if used + len(ex["input_ids"]) > seq_len:
+            break
+        chosen.append(ex)
+        used += len(ex["input_ids"])
+    if len(chosen) < 2:
+        return None
+    model = objective.model
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        losses = []
+        for batch in (collate(pack(chosen, used, pad_id), pad_id), collate(chosen, pad_id)):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = objective._run_model(batch)
+            logits = (out if isinstance(out, torch.Tensor) else out.logits).float()
+            targets = batch["targets"]
+            keep = targets != IGNORE
+            losses.append(F.cross_entropy(logits[keep], targets[keep], reduction="none"))
+    finally:
+        model.train(was_training)
+    packed, padded = losses
+    return float((packed - padded).abs().max() / padded.abs().mean().clamp_min(1e-12))
 
 
 class _CtrlC:
@@ -443,14 +506,6 @@ class Trainer:
         self.deepspeed = self.accelerator.distributed_type == "DEEPSPEED"
         if self.deepspeed:
             _configure_deepspeed(self.accelerator, config)
-        packing = config.packing and self.task == "lm"
-        if packing and "position_ids" not in _forward_takes(model):
-            # Packed examples are kept apart by positions that restart; a forward without position_ids would let
-            # them attend to each other, so such a model trains on padded rows of one example each.
-            self.accelerator.print(f"packing off: {type(model).__name__}.forward takes no position_ids, so packed "
-                                   f"examples would attend to each other; training on padded rows")
-            packing = False
-        self.rows = pack(train_data, config.seq_len, self.pad_id) if packing else train_data
         _upcast_trainable(model, mixed_precision, config.precision)
         if config.gradient_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
@@ -475,6 +530,10 @@ class Trainer:
             raise ValueError(f"{self.world} processes were started, but accelerate set up no distributed training "
                              f"(distributed_type NO), so their gradients would never be averaged; check the "
                              f"accelerate config (distributed_type, the backend) or launch one process")
+        if self.task != "classification":
+            self._check_shortcut(train_data)
+        packing = config.packing and self.task == "lm" and self._packing_is_exact(model, train_data)
+        self.rows = pack(train_data, config.seq_len, self.pad_id) if packing else train_data
         self.rows_per_step = config.batch_size * config.grad_accum * self.world
         self.steps_per_epoch = max(1, len(self.rows) // self.rows_per_step)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
@@ -482,6 +541,42 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self._rng_at_step: dict | None = None  # RNG state at the last step boundary, for exact resume
+
+    # -- what this model allows, decided once ---------------------------------------------------------------------
+    def _agreed(self, ok: bool) -> bool:
+        """True only if every process found ``ok``: processes must train the same way."""
+        flags = self.accelerator.gather(torch.tensor([float(ok)], device=self.accelerator.device))
+        return bool(flags.min() > 0)
+
+    def _check_shortcut(self, train_data: list[dict]) -> None:
+        """Compute the loss through ``head(hidden states)`` only where that equals the model's own logits."""
+        with self.accelerator.autocast():
+            exact, gap = self.objective.check_shortcut(self._batch(train_data[:2]))
+        if self._agreed(exact):
+            self.objective.parts = self.objective.candidate
+        elif self.objective.candidate is not None:
+            self.accelerator.print(f"loss from full logits: {type(self.model).__name__}'s logits are not its head's "
+                                   f"output (max relative gap {gap:.1e}; soft-capping or scaling), so the memory-"
+                                   f"saving loss path is off")
+
+    def _packing_is_exact(self, model: nn.Module, train_data: list[dict]) -> bool:
+        """Pack only if this model keeps packed examples apart: their losses must equal those of padded rows."""
+        if "position_ids" not in self.objective.takes:
+            # Packed examples are kept apart by positions that restart; a forward without position_ids would let
+            # them attend to each other.
+            self.accelerator.print(f"packing off: {type(model).__name__}.forward takes no position_ids, so packed "
+                                   f"examples would attend to each other; training on padded rows")
+            return False
+        with self.accelerator.autocast():
+            gap = packing_gap(self.objective, train_data, self.cfg.seq_len, self.pad_id)
+        # fp32 agrees to ~1e-6 when the examples are kept apart; half precision rounds each token's loss to ~1e-2
+        tolerance = 1e-3 if self.accelerator.mixed_precision == "no" else 5e-2
+        if self._agreed(gap is None or gap <= tolerance):
+            return True
+        self.accelerator.print(f"packing off: packed examples' token losses differ from padded ones by up to "
+                               f"{gap:.1e} of the mean ({type(model).__name__} does not keep packed examples apart); "
+                               f"training on padded rows")
+        return False
 
     # -- losses -------------------------------------------------------------------------------------------------------
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -312,7 +312,9 @@ def test_a_hand_written_gpt_trains_through_the_trainer(tmp_path, capsys):
     assert all(v.abs().sum() > 0 for k, v in lora.adapter_state_dict(model).items() if "lora_B" in k)
 
 
-def test_a_hand_written_gpt_that_takes_position_ids_is_packed(tmp_path):
+def test_a_hand_written_gpt_that_only_embeds_position_ids_is_not_packed(tmp_path, capsys):
+    """Taking position_ids is not enough: this model adds them to its embeddings but attends causally across the
+    whole row, so packed examples would see each other. The packing probe finds that and trains on padded rows."""
     from tiny_gpt import TinyGPT
 
     class PositionedGPT(TinyGPT):
@@ -328,11 +330,13 @@ def test_a_hand_written_gpt_that_takes_position_ids_is_packed(tmp_path):
     lora.inject(model, lora.LoraConfig(r=4))
     examples = counting_examples()
     trainer = Trainer(model, TrainConfig(output_dir=str(tmp_path), seq_len=32, batch_size=2), examples)
-    assert len(trainer.rows) < len(examples)  # packed
+    notice = [line for line in capsys.readouterr().out.splitlines() if "packing off" in line]
+    assert len(notice) == 1 and "PositionedGPT does not keep packed examples apart" in notice[0]
+    assert trainer.rows is examples
     batch = trainer._batch(trainer.rows[:2])
     loss, n = trainer._loss_sum(batch)
     assert torch.isfinite(loss) and n > 0
-    assert torch.equal(model.seen_positions, batch["position_ids"])  # restarting positions reached the model
+    assert torch.equal(model.seen_positions, batch["position_ids"])  # positions still reach the model
 
 
 def assert_stopped_and_resumed_run_is_exact(tmp_path, before_first_run=None, **train):

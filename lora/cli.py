@@ -38,28 +38,55 @@ def _merge(args: argparse.Namespace) -> None:
     from .export import export_merged
 
     out = export_merged(args.model, args.adapter, args.out, max_shard_bytes=int(args.max_shard_gb * 1024**3),
-                        check_base=not args.no_check_base)
+                        check_base=not args.no_check_base, verify=not args.no_verify)
+    if args.no_verify:
+        print(f"{out} not checked (--no-verify)")
     print(f"merged model written to {out}  (AutoModelForCausalLM.from_pretrained('{out}') or vLLM)")
+
+
+def _export_adapter_gguf_checked(args: argparse.Namespace, base_gguf: Path, out: Path) -> Path:
+    """The adapter GGUF, written under a temporary name and renamed only once the base GGUF with it applied gives
+    the adapter model's logits (or, where the check cannot apply it, once the base GGUF alone was checked)."""
+    from .atomic import atomic_file
+    from .export import export_adapter_gguf
+    from .verify import verify_export
+
+    with atomic_file(out) as tmp:
+        export_adapter_gguf(args.model, args.adapter, tmp, check_base=not args.no_check_base)
+        print(verify_export(args.model, args.adapter, base_gguf, adapter_gguf=tmp, name=f"{base_gguf} + {out.name}"),
+              flush=True)
+    return out
 
 
 def _export_gguf(args: argparse.Namespace) -> None:
     from .export import export_adapter_gguf, export_gguf, write_modelfile
 
     out = Path(args.out)
+    verify = not args.no_verify
     if args.adapter_only:
         if not args.adapter:
             raise ValueError("--adapter-only needs --adapter DIR")
-        export_gguf(args.model, out, None, args.dtype)
-        adapter_file = export_adapter_gguf(args.model, args.adapter, out.with_name(f"{out.stem}.adapter.gguf"),
-                                           check_base=not args.no_check_base)
-        print(f"base {out} and adapter {adapter_file} written")
+        export_gguf(args.model, out, None, args.dtype, verify=verify)  # checked against the base alone
+        adapter_file = out.with_name(f"{out.stem}.adapter.gguf")
+        if verify:
+            _export_adapter_gguf_checked(args, out, adapter_file)
+        else:
+            export_adapter_gguf(args.model, args.adapter, adapter_file, check_base=not args.no_check_base)
+        print(f"base {out} and adapter {adapter_file} written{'' if verify else ', not checked (--no-verify)'}")
     else:
-        export_gguf(args.model, out, args.adapter, args.dtype, check_base=not args.no_check_base)
+        export_gguf(args.model, out, args.adapter, args.dtype, check_base=not args.no_check_base, verify=verify)
         adapter_file = None
-        print(f"{out} written ({args.dtype}{', adapter merged' if args.adapter else ''})")
+        print(f"{out} written ({args.dtype}{', adapter merged' if args.adapter else ''}"
+              f"{'' if verify else ', not checked (--no-verify)'})")
     modelfile = write_modelfile(args.model, out, args.temperature, adapter_file)
     print(f"{modelfile} written. Run it with Ollama:\n  cd {out.parent} && ollama create my-model -f Modelfile "
           f"&& ollama run my-model")
+
+
+NO_VERIFY_HELP = ("skip the check of what was written (by default it is read back, and its logits on a few fixed "
+                  "prompts are compared with the base + adapter's before it replaces an earlier output). The check "
+                  "loads the model twice, one copy after the other, in float32: about 4 bytes per parameter, twice "
+                  "that while transformers reads a GGUF")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,12 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (GiB)")
     merge.add_argument("--no-check-base", action="store_true",
                        help="merge even if the adapter's base-model fingerprint does not match --model")
+    merge.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     merge.set_defaults(run=_merge)
 
     export = commands.add_parser("export", help="export for other runtimes")
     formats = export.add_subparsers(dest="format", required=True)
     gguf = formats.add_parser("gguf", help="a GGUF file for llama.cpp / Ollama, and a Modelfile beside it")
-    gguf.add_argument("--model", default=DEFAULT_MODEL, help="base: embedded name or HF folder (Llama family, GPT-2)")
+    gguf.add_argument("--model", default=DEFAULT_MODEL,
+                      help="base: embedded name or HF folder (the README's family table lists what exports)")
     gguf.add_argument("--adapter", help="adapter folder to merge in (or to export alone with --adapter-only)")
     gguf.add_argument("--out", required=True, help="the .gguf file to write")
     gguf.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default="f16")
@@ -99,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     gguf.add_argument("--temperature", type=float, default=0.7, help="PARAMETER temperature in the Modelfile")
     gguf.add_argument("--no-check-base", action="store_true",
                       help="export even if the adapter's base-model fingerprint does not match --model")
+    gguf.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     gguf.set_defaults(run=_export_gguf)
     return parser
 

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import struct
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def _write_safetensors_stream(path: Path, specs: list[tuple[str, str, list[int]]
 
 
 def export_merged(model: str | os.PathLike, adapter: str | os.PathLike | None, out: str | os.PathLike,
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, check_base: bool = True) -> Path:
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, check_base: bool = True, verify: bool = True) -> Path:
     """Write a Hugging Face folder with the adapter merged into the base weights, streaming.
 
     Each base tensor is read, merged and written before the next is read, so memory stays near one tensor plus
@@ -153,12 +154,16 @@ def export_merged(model: str | os.PathLike, adapter: str | os.PathLike | None, o
         out: Output folder (replaced only once the new one is complete).
         max_shard_bytes: Largest shard.
         check_base: Refuse an adapter whose recorded base-model fingerprint does not match this base.
+        verify: Before the new folder replaces ``out``, compare its logits with the adapter model's and print the
+            max |dlogit| (:func:`lora.verify.verify_export`). This loads the model twice, one copy after the other,
+            in float32: it needs about 4 bytes per parameter, far more than the merge itself.
 
     Returns:
         The output folder.
 
     Raises:
-        ValueError: the base is not a usable folder, or the adapter does not belong to it (nothing is written).
+        ValueError: the base is not a usable folder, or the adapter does not belong to it (nothing is written), or
+            the check failed (``out`` is left as it was).
     """
     folder, out = resolve_base_folder(model), Path(out)
     specs = _tensor_specs(folder)
@@ -185,27 +190,99 @@ def export_merged(model: str | os.PathLike, adapter: str | os.PathLike | None, o
         for item in folder.iterdir():
             if item.is_file() and not _WEIGHT_FILES.match(item.name) and item.name != SOURCE_INFO:
                 shutil.copy2(item, tmp / item.name)
+        if verify:  # on the temporary folder: a failure leaves `out` as it was
+            from .verify import verify_export
+
+            print(verify_export(folder, adapter, tmp, name=str(out)), flush=True)
     return out
 
 
 # -- GGUF ---------------------------------------------------------------------------------------------------------
-_GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "gpt2": "gpt2"}  # transformers model_type -> llama.cpp arch
+# transformers model_type -> llama.cpp architecture (a gguf.MODEL_ARCH_NAMES value): the families whose GGUF files
+# tests/test_gguf_families.py reads back through transformers' GGUF loader and compares with the merged model.
+_GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+               "gemma3_text": "gemma3", "phi3": "phi3", "gpt2": "gpt2"}
+_MERGED_ROUTE = "Export a merged folder instead (lora merge) and convert it with llama.cpp's convert_hf_to_gguf.py"
+# llama.cpp's Gemma graphs multiply by a norm's stored weight, where Hugging Face's Gemma norms compute x * (1 + w):
+# llama.cpp's converter stores w + 1 (and transformers' GGUF reader subtracts the 1 again).
+_NORM_PLUS_ONE = ("gemma2", "gemma3")
+# The families whose llama.cpp graphs attend through a sliding window on the layers the file marks (the others attend
+# over the whole context).
+_SLIDING_WINDOW = ("gemma2", "gemma3")
+# llama.cpp rotates a head's interleaved pairs (its "normal" rope) for these; Hugging Face pairs the head's two halves,
+# as llama.cpp's NEOX rope does for the other families here, so only these get their Q/K rows permuted.
+_INTERLEAVED_ROPE = ("llama",)
+# Rope scalings llama.cpp can be told about, and where: "linear" through rope.scaling keys (every family), "llama3"
+# through the per-frequency rope_freqs tensor, which llama.cpp reads for the llama architecture.
+_ROPE_TYPES = {"default": tuple(_GGUF_ARCHS.values()), "linear": tuple(_GGUF_ARCHS.values()), "llama3": ("llama",)}
+# llama.cpp scales Gemma's queries by 1/sqrt(head_dim), or by 1/sqrt(hidden/heads) for the 27B shape (told apart by
+# its layer count); it reads no query_pre_attn_scalar (its gemma2.cpp / gemma3.cpp load_arch_hparams).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
-def _gguf_config(folder: Path, archs=tuple(_GGUF_ARCHS)):
-    """The base's config, checked to be an architecture this exporter writes."""
+def _rope(config) -> tuple[dict, dict | None]:
+    """(rope parameters of full-attention layers, those of sliding-window layers when they differ, else None)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if "full_attention" in params:  # Gemma 3: one set per layer type
+        return params["full_attention"], params.get("sliding_attention")
+    return params, None
+
+
+def _sliding_layers(config) -> list[bool]:
+    """Which layers attend through a sliding window, as transformers runs the model."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [kind == "sliding_attention" for kind in types]
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return [bool(window)] * config.num_hidden_layers
+
+
+def _gguf_config(folder: Path, what: str = "GGUF export"):
+    """The base's config and llama.cpp architecture, checked to be something llama.cpp runs as transformers does.
+
+    Raises:
+        ValueError: a family or setting this exporter does not write exactly; the message names the merged route.
+    """
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if config.model_type not in archs:
-        raise ValueError(f"GGUF export supports {', '.join(archs)} models; {folder} is a {config.model_type!r} "
-                         f"model. Export a merged folder instead (lora merge) and convert it with llama.cpp's "
-                         f"convert_hf_to_gguf.py")
-    scaling = getattr(config, "rope_scaling", None) or {}
-    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-        raise ValueError(f"{folder} uses rope scaling {scaling}, which this GGUF exporter does not write yet; "
-                         f"export a merged folder (lora merge) and convert it with llama.cpp")
-    return config
+    arch = _GGUF_ARCHS.get(config.model_type)
+    if arch is None:
+        raise ValueError(f"{what} supports {', '.join(_GGUF_ARCHS)} models; {folder} is a {config.model_type!r} "
+                         f"model. {_MERGED_ROUTE}")
+    full, swa = _rope(config)
+    rope_type = full.get("rope_type", "default")
+    if arch not in _ROPE_TYPES.get(rope_type, ()) or (swa or {}).get("rope_type", "default") != "default":
+        raise ValueError(f"{folder} uses {rope_type!r} rope scaling ({full}), which {what} does not write for a "
+                         f"{config.model_type!r} model. {_MERGED_ROUTE}, and check that llama.cpp supports it")
+    problems = []
+    if arch in _GEMMA_27B_LAYERS:  # Gemma 2 and 3
+        head_dim = config.head_dim
+        llama_cpp_scalar = config.hidden_size // config.num_attention_heads \
+            if config.num_hidden_layers == _GEMMA_27B_LAYERS[arch] else head_dim
+        if config.query_pre_attn_scalar != llama_cpp_scalar:
+            problems.append(f"query_pre_attn_scalar={config.query_pre_attn_scalar}, where llama.cpp scales queries "
+                            f"by 1/sqrt({llama_cpp_scalar}) for this shape")
+        if arch == "gemma2" and not config.tie_word_embeddings:
+            problems.append("an output head of its own (llama.cpp's Gemma 2 always reuses the embedding)")
+        if arch == "gemma2" and not (config.attn_logit_softcapping and config.final_logit_softcapping):
+            problems.append("no logit soft-capping (llama.cpp's Gemma 2 always soft-caps)")
+        if arch == "gemma3" and config.attn_logit_softcapping:
+            problems.append("attention soft-capping (llama.cpp's Gemma 3 has none)")
+    if problems:
+        raise ValueError(f"{folder} is a {config.model_type!r} model with {'; '.join(problems)}, so llama.cpp "
+                         f"would compute something else. {_MERGED_ROUTE}")
+    if arch not in _SLIDING_WINDOW and any(_sliding_layers(config)) \
+            and config.sliding_window < config.max_position_embeddings:
+        warnings.warn(f"{folder} attends through a {config.sliding_window}-token sliding window; llama.cpp's "
+                      f"{arch!r} graph attends over the whole context (as after its own converter), so outputs agree "
+                      f"only on prompts up to that length")
+    return config, arch
+
+
+def _model_arch(arch: str, gguf):
+    """gguf's MODEL_ARCH member for a llama.cpp architecture name."""
+    return next(member for member, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
 
 
 def permute_for_llama_cpp(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -218,10 +295,14 @@ def permute_for_llama_cpp(weight: torch.Tensor, n_head: int) -> torch.Tensor:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _add_header(writer, config, name: str) -> None:
-    """Hyperparameters under llama.cpp's keys for the config's architecture."""
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _add_header(writer, config, arch: str, name: str, gguf) -> None:
+    """Hyperparameters under llama.cpp's keys for the architecture."""
     writer.add_name(name)
-    if config.model_type == "gpt2":
+    if arch == "gpt2":
         writer.add_context_length(config.n_positions)
         writer.add_embedding_length(config.n_embd)
         writer.add_block_count(config.n_layer)
@@ -229,28 +310,61 @@ def _add_header(writer, config, name: str) -> None:
         writer.add_head_count(config.n_head)
         writer.add_layer_norm_eps(config.layer_norm_epsilon)
         return
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    full, swa = _rope(config)
+    head_dim = _head_dim(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None)
-                                    or (config.rope_parameters or {}).get("rope_theta", 10000.0)))
+    writer.add_key_length(head_dim)  # llama.cpp assumes hidden/heads without these (Mistral's and Gemma's differ)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * full.get("partial_rotary_factor", 1.0)))
+    writer.add_rope_freq_base(float(full.get("rope_theta", 10000.0)))
+    if full.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(full["factor"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
+    if arch in _SLIDING_WINDOW:
+        sliding = _sliding_layers(config)
+        writer.add_sliding_window_pattern(sliding)  # per layer, so llama.cpp's default pattern never applies
+        if any(sliding):
+            writer.add_sliding_window(config.sliding_window)
+        if swa:
+            writer.add_rope_freq_base_swa(float(swa.get("rope_theta", 10000.0)))
+        if config.final_logit_softcapping:
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        if config.attn_logit_softcapping:
+            writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+
+
+def _rope_freqs(config) -> torch.Tensor:
+    """Llama 3's rope scaling as llama.cpp's rope_freqs: what each rotary frequency is divided by.
+
+    Taken from transformers' own rope functions (the default frequencies over the llama3-scaled ones), so the file
+    rotates exactly as transformers does.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    full, _ = _rope(config)
+    dim = int(_head_dim(config) * full.get("partial_rotary_factor", 1.0))
+    scaled, attention_factor = ROPE_INIT_FUNCTIONS[full["rope_type"]](config, torch.device("cpu"))
+    if attention_factor != 1.0:
+        raise ValueError(f"rope scaling {full} also scales attention by {attention_factor}, which rope_freqs "
+                         f"cannot hold. {_MERGED_ROUTE}")
+    default = 1.0 / full["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    return (default / scaled.float()).float()  # (dim / 2,)
 
 
 _GPT2_CONV1D = (".attn_qkv.weight", ".attn_output.weight", ".ffn_up.weight", ".ffn_down.weight")
 
 
-def _gguf_tensors(config, tensors: Iterator[tuple[str, torch.Tensor]], gguf) -> Iterator[tuple[str, torch.Tensor]]:
-    """Hugging Face tensors renamed and laid out as llama.cpp expects, in fp32."""
-    arch = gguf.MODEL_ARCH.GPT2 if config.model_type == "gpt2" else gguf.MODEL_ARCH.LLAMA
-    layers = config.n_layer if config.model_type == "gpt2" else config.num_hidden_layers
-    names = gguf.get_tensor_name_map(arch, layers)
+def _gguf_tensors(config, arch: str, tensors: Iterator[tuple[str, torch.Tensor]],
+                  gguf) -> Iterator[tuple[str, torch.Tensor]]:
+    """Hugging Face tensors renamed and laid out as llama.cpp expects, in fp32, plus llama.cpp's rope_freqs."""
+    names = gguf.get_tensor_name_map(_model_arch(arch, gguf), config.num_hidden_layers)
     for name, tensor in tensors:
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # GPT-2's causal-mask buffers, not weights
@@ -259,45 +373,149 @@ def _gguf_tensors(config, tensors: Iterator[tuple[str, torch.Tensor]], gguf) -> 
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ValueError(f"tensor {name!r} has no llama.cpp name; this {config.model_type} model has parts "
-                             f"the GGUF exporter does not know")
+                             f"the GGUF exporter does not know. {_MERGED_ROUTE}")
         tensor = tensor.float()
-        if config.model_type == "gpt2":
+        if arch == "gpt2":
             if gguf_name.endswith(_GPT2_CONV1D):
                 tensor = tensor.T.contiguous()  # Conv1D stores (in, out); llama.cpp wants (out, in)
             yield gguf_name, tensor
             if gguf_name == "token_embd.weight" and config.tie_word_embeddings:
-                yield "output.weight", tensor  # llama.cpp's GPT-2 graph reads an explicit output matrix
+                yield "output.weight", tensor  # llama.cpp builds before its tied-head fallback need this copy
             continue
-        if ".attn_q." in gguf_name:
+        if arch in _NORM_PLUS_ONE and gguf_name.endswith("norm.weight"):
+            tensor = tensor + 1.0
+        if arch in _INTERLEAVED_ROPE and ".attn_q." in gguf_name:
             tensor = permute_for_llama_cpp(tensor, config.num_attention_heads)
-        elif ".attn_k." in gguf_name:
+        elif arch in _INTERLEAVED_ROPE and ".attn_k." in gguf_name:
             tensor = permute_for_llama_cpp(tensor, config.num_key_value_heads)
         yield gguf_name, tensor
+    if _rope(config)[0].get("rope_type") == "llama3":
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _rope_freqs(config)
+
+
+# llama.cpp splits text with a list of regexes before BPE, chosen by tokenizer.ggml.pre (llm_tokenizer_bpe in its
+# llama-vocab.cpp). These are the types the byte-level tokenizers of the families above use, each with its regexes as
+# the Hugging Face tokenizer.json files spell them and whether llama.cpp takes a word found whole in the vocabulary
+# before merging (tokenizer.json's ignore_merges). Prefix digits, Llama 3's case-insensitive contractions and
+# 1-3 digit groups, Qwen2's single digits: each type splits the probe below differently.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA_CPP_PRE_TOKENIZERS = (("gpt-2", (_GPT2_SPLIT,), False), ("smollm", (r"\p{N}", _GPT2_SPLIT), False),
+                             ("llama-bpe", (_LLAMA3_SPLIT,), True), ("smaug-bpe", (_LLAMA3_SPLIT,), False),
+                             ("qwen2", (_QWEN2_SPLIT,), False))
+_PRE_TOKENIZER_PROBE = ("Hello WORLD, it's I'LL  don't: 1234567 3.14159 $price (x+y)=z\n\n\tTabbed   three\r\n"
+                        "  end ünïcödé 東京タワー 😀!! 'quoted' ...\n")
+
+
+def _regex_split(text: str, patterns: tuple[str, ...]) -> list[str]:
+    """``text`` cut as llama.cpp's BPE pre-tokenizer cuts it: each regex in turn splits every piece further into its
+    matches and the gaps between them."""
+    import regex  # transformers' own dependency; Python's re knows no \p{L}
+
+    pieces = [text]
+    for pattern in patterns:
+        compiled, split = regex.compile(pattern), []
+        for piece in pieces:
+            end = 0
+            for match in compiled.finditer(piece):
+                split += [piece[end:match.start()]] * (match.start() > end) + [match.group()] * bool(match.group())
+                end = match.end()
+            split += [piece[end:]] * (end < len(piece))
+        pieces = split
+    return pieces
+
+
+def llama_cpp_pre_tokenizer(tokenizer) -> str | None:
+    """llama.cpp's ``tokenizer.ggml.pre`` type for a Hugging Face byte-level BPE tokenizer, or None if no known type
+    splits text as this tokenizer does.
+
+    Decided by behaviour, as llama.cpp's converter does (it hashes the tokens of a probe text): the tokenizer's own
+    pre-tokenizer cuts a probe text, and the first type whose regexes cut it identically wins.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    backend = tokenizer.backend_tokenizer
+    if backend.pre_tokenizer is None:
+        return None
+    spec = json.loads(backend.to_str())
+    pieces = [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(_PRE_TOKENIZER_PROBE)]
+    if "ByteLevel" in json.dumps(spec["pre_tokenizer"]):  # pieces come back in GPT-2's printable byte alphabet
+        unbyte = {char: byte for byte, char in bytes_to_unicode().items()}
+        pieces = [bytes(unbyte[c] for c in piece).decode("utf-8", errors="replace") for piece in pieces]
+    ignore_merges = bool(spec["model"].get("ignore_merges", False))
+    matches = [(name, whole) for name, patterns, whole in _LLAMA_CPP_PRE_TOKENIZERS
+               if _regex_split(_PRE_TOKENIZER_PROBE, patterns) == pieces]
+    return next((name for name, whole in matches if whole == ignore_merges), matches[0][0] if matches else None)
+
+
+def _gguf_pre_tokenizer(tokenizer, folder: Path) -> str:
+    """``tokenizer.ggml.pre`` for the base: recorded when the base was converted from a GGUF file, else derived."""
+    source = folder / SOURCE_INFO
+    if source.is_file() and "tokenizer.ggml.pre" in json.loads(source.read_text()):
+        return json.loads(source.read_text())["tokenizer.ggml.pre"]
+    pre = llama_cpp_pre_tokenizer(tokenizer)
+    if pre is None:
+        # A warning, not a refusal: the vocabulary and merges are the model's own, so llama.cpp runs the model and
+        # tokenizes most text the same; refusing would leave no GGUF at all, and the exact route stays open.
+        warnings.warn(f"the tokenizer in {folder} splits text before BPE in a way none of llama.cpp's pre-tokenizer "
+                      f"types known here does ({', '.join(name for name, _, _ in _LLAMA_CPP_PRE_TOKENIZERS)}); "
+                      f"writing tokenizer.ggml.pre='default', so llama.cpp will tokenize some text differently from "
+                      f"Hugging Face. For an exact tokenizer: lora merge, then llama.cpp's convert_hf_to_gguf.py "
+                      f"(which recognises more tokenizers by their output)")
+        return "default"
+    return pre
 
 
 def _add_tokenizer(writer, folder: Path, config, gguf) -> None:
-    """The Hugging Face byte-level BPE tokenizer as llama.cpp's "gpt2" tokenizer model, plus the chat template."""
+    """The Hugging Face tokenizer under llama.cpp's keys, plus the chat template.
+
+    Byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) becomes llama.cpp's "gpt2" tokenizer model with the pre-tokenizer
+    type it splits text by; SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Gemma, Phi-3) becomes its
+    "llama" model, whose merges are chosen by token score: a token's score ranks the first merge that makes it, as
+    SentencePiece's own scores do. Both also carry the merges, from which transformers' GGUF reader rebuilds them.
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    if spec["model"]["type"] != "BPE":
-        raise ValueError(f"the tokenizer in {folder} is {spec['model']['type']}, not byte-level BPE; GGUF export "
-                         f"handles BPE tokenizers (GPT-2, Llama 3, SmolLM, Qwen style) only")
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    sentencepiece = bool(spec["model"].get("byte_fallback")) and not byte_level
+    if spec["model"]["type"] != "BPE" or not (byte_level or sentencepiece):
+        raise ValueError(f"the tokenizer in {folder} is a {spec['model']['type']} tokenizer that is neither "
+                         f"byte-level BPE nor BPE with byte fallback; GGUF export writes those two kinds only. "
+                         f"{_MERGED_ROUTE}")
     vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
     size = max(config.vocab_size, max(vocab.values()) + 1)
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [gguf.TokenType.UNUSED] * size
     for token, i in vocab.items():
         tokens[i], types[i] = token, gguf.TokenType.NORMAL
+        if sentencepiece and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            types[i] = gguf.TokenType.BYTE  # what llama.cpp falls back to for a character it has no token for
     for i, added in tokenizer.added_tokens_decoder.items():
         types[i] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    source = folder / SOURCE_INFO
-    # llama.cpp picks its pre-tokenizer regex by this name; it is known when the base came from a GGUF file.
-    pre = json.loads(source.read_text()).get("tokenizer.ggml.pre", "default") if source.is_file() else "default"
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
+    if sentencepiece:
+        if tokenizer.unk_token_id is not None:
+            types[tokenizer.unk_token_id] = gguf.TokenType.UNKNOWN
+        first_merge = {}
+        for rank, merge in enumerate(merges):
+            first_merge.setdefault(merge.replace(" ", ""), rank)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores([-(first_merge[token] + 1.0) if token in first_merge else 0.0 for token in tokens])
+        # llama.cpp prepends "▁" to the text unless told not to; Gemma's normalizer, for one, does not
+        marked = tokenizer.backend_tokenizer.normalizer.normalize_str("a") \
+            if tokenizer.backend_tokenizer.normalizer else "a"
+        if tokenizer.backend_tokenizer.pre_tokenizer:
+            marked = "".join(piece for piece, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(marked))
+        writer.add_add_space_prefix(marked.startswith("\u2581"))
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_gguf_pre_tokenizer(tokenizer, folder))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -320,35 +538,43 @@ def _write_gguf(writer) -> None:
 
 
 def export_gguf(model: str | os.PathLike, out: str | os.PathLike, adapter: str | os.PathLike | None = None,
-                dtype: str = "f16", check_base: bool = True) -> Path:
+                dtype: str = "f16", check_base: bool = True, verify: bool = True) -> Path:
     """Write a GGUF file that llama.cpp, Ollama and transformers' GGUF loader read.
 
     Args:
-        model: The base: an embedded name or an HF folder (Llama family, or GPT-2).
+        model: The base: an embedded name or an HF folder (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3 or GPT-2).
         out: The ``.gguf`` file to write (replaced only once complete).
         adapter: Adapter folder to merge in first (None: the base alone).
         dtype: ``"f32"``, ``"f16"`` or ``"q8_0"`` for matrices; norms and biases stay f32. A matrix whose rows
             are not a multiple of 32 falls back to f16 under q8_0 (the block size).
         check_base: Refuse an adapter whose recorded base-model fingerprint does not match this base.
+        verify: Before the new file replaces ``out``, read it back through transformers' GGUF loader, compare its
+            logits with the adapter model's and print the max |dlogit| (:func:`lora.verify.verify_export`). This
+            loads the model twice, one copy after the other, in float32 (about 4 bytes per parameter, twice that
+            while transformers dequantizes the file); a failure raises ValueError and leaves ``out`` as it was.
 
     Returns:
         The file written.
+
+    Raises:
+        ValueError: a family, rope scaling, Gemma setting or tokenizer kind that llama.cpp would not run as
+            transformers does (the message names the merged-folder route), or an adapter for another base.
     """
     gguf = require_gguf()
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"dtype must be one of {GGUF_DTYPES}, got {dtype!r}")
     folder, out = resolve_base_folder(model), Path(out)
-    config = _gguf_config(folder)
+    config, arch = _gguf_config(folder)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     tensors = merged_tensors(folder, adapter, check_base)
     with atomic_file(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), _GGUF_ARCHS[config.model_type])
-        _add_header(writer, config, out.stem)
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        _add_header(writer, config, arch, out.stem, gguf)
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_tokenizer(writer, folder, config, gguf)
-        for gguf_name, tensor in _gguf_tensors(config, tensors, gguf):
+        for gguf_name, tensor in _gguf_tensors(config, arch, tensors, gguf):
             array = tensor.numpy()
             if array.ndim == 1 or dtype == "f32":
                 writer.add_tensor(gguf_name, array.astype(np.float32))
@@ -358,6 +584,10 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, adapter: str |
             else:
                 writer.add_tensor(gguf_name, array.astype(np.float16))
         _write_gguf(writer)
+        if verify:  # on the temporary file: a failure leaves `out` as it was
+            from .verify import verify_export
+
+            print(verify_export(folder, adapter, tmp, name=str(out)), flush=True)
     return out
 
 
@@ -365,13 +595,18 @@ def export_adapter_gguf(model: str | os.PathLike, adapter: str | os.PathLike, ou
                         check_base: bool = True) -> Path:
     """Write the adapter alone as a llama.cpp LoRA GGUF (Ollama's ``ADAPTER`` line, ``llama-cli --lora``).
 
+    llama.cpp applies ``alpha / rank * B @ A`` per tensor, with one ``adapter.lora.alpha`` for the file and each
+    tensor's own rank (``llama_adapter_lora_weight::get_scale``). Each module's own scale (``alpha / r``, or
+    ``alpha / sqrt(r)`` with rsLoRA) is folded into its B instead, and the file's alpha makes llama.cpp's factor
+    exactly 1, so any scaling rule comes out exact. Q/K rows are permuted as in the base GGUF.
+
     Raises:
-        ValueError: DoRA, trained biases or ``modules_to_save`` (llama.cpp adapters hold plain A/B pairs only), or
-            an adapter that does not belong to the base ``model`` it will be applied to.
+        ValueError: DoRA, trained biases or ``modules_to_save`` (llama.cpp adapters hold plain A/B pairs only), a
+            family :func:`export_gguf` does not write, or an adapter that does not belong to the base ``model``.
     """
     gguf = require_gguf()
     folder, out = resolve_base_folder(model), Path(out)
-    config = _gguf_config(folder, archs=("llama", "mistral"))  # Ollama's ADAPTER line serves the Llama family
+    config, arch = _gguf_config(folder, what="adapter GGUF export")
     merger = AdapterMerger(adapter, BaseWeights(folder), check_base)  # checks it belongs to this base
     cfg = merger.config
     unsupported = [what for what, bad in (("DoRA", cfg.dora), ("trained biases", cfg.bias != "none"),
@@ -379,54 +614,139 @@ def export_adapter_gguf(model: str | os.PathLike, adapter: str | os.PathLike, ou
     if unsupported:
         raise ValueError(f"this adapter uses {', '.join(unsupported)}, which llama.cpp/Ollama adapters cannot "
                          f"hold (plain LoRA A/B only). Merge it instead: lora export gguf --adapter {adapter}")
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(_model_arch(arch, gguf), config.num_hidden_layers)
+    ranks = {parts["A"].shape[0] for parts in merger.factors.values()}
+    # alpha / rank == 1 exactly (x / x) when every pair has one rank, for any reader that applies alpha / rank; with
+    # several ranks no single alpha does, and llama.cpp reads alpha 0 as "no scaling" (a factor of exactly 1).
+    alpha = float(next(iter(ranks))) if len(ranks) == 1 else 0.0
     with atomic_file(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        # llama.cpp scales by alpha / rank; writing scale * r keeps rsLoRA's alpha / sqrt(r) exact too.
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(cfg.scale * cfg.r))
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         for weight_name in sorted(merger.factors):
             gguf_name = names.get_name(weight_name, try_suffixes=(".weight",))
             if gguf_name is None:
                 raise ValueError(f"the adapter targets {weight_name!r}, which has no llama.cpp name; merge it "
                                  f"instead: lora export gguf --adapter {adapter}")
             A = merger.factors[weight_name]["A"].float()  # (r, in)
-            B = merger.factors[weight_name]["B"].float()  # (out, r)
-            if ".attn_q." in gguf_name:
+            B = merger.scale * merger.factors[weight_name]["B"].float()  # (out, r), the module's scale folded in
+            if arch in _INTERLEAVED_ROPE and ".attn_q." in gguf_name:
                 B = permute_for_llama_cpp(B, config.num_attention_heads)
-            elif ".attn_k." in gguf_name:
+            elif arch in _INTERLEAVED_ROPE and ".attn_k." in gguf_name:
                 B = permute_for_llama_cpp(B, config.num_key_value_heads)
-            writer.add_tensor(gguf_name + ".lora_a", A.numpy())
-            writer.add_tensor(gguf_name + ".lora_b", B.numpy())
+            writer.add_tensor(gguf_name + ".lora_a", A.contiguous().numpy())
+            writer.add_tensor(gguf_name + ".lora_b", B.contiguous().numpy())
         _write_gguf(writer)
     return out
 
 
+def read_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """A GGUF file as transformers' GGUF loader reads it, with the settings that loader leaves at its config classes'
+    defaults taken from the keys and tensors llama.cpp runs on instead.
+
+    The loader reads no rope scaling (Llama 3's rope_freqs, linear), no Gemma query scale, soft-capping or per-layer
+    sliding pattern, no head size outside Llama and Gemma, and GPT-2's context length as n_ctx only; a file of those
+    families read plainly gives a model that computes something else than llama.cpp does with it.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gguf, path = require_gguf(), Path(path)
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+
+    def key(name: str):
+        field = reader.get_field(name.format(arch=arch))
+        return None if field is None else field.contents()
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if arch == "gpt2":
+        config.n_positions = key(gguf.Keys.LLM.CONTEXT_LENGTH)
+    elif key(gguf.Keys.Attention.KEY_LENGTH):
+        config.head_dim = key(gguf.Keys.Attention.KEY_LENGTH)
+    if arch in _GEMMA_27B_LAYERS:  # Gemma 2 and 3
+        config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads \
+            if config.num_hidden_layers == _GEMMA_27B_LAYERS[arch] else config.head_dim
+        config.final_logit_softcapping = key(gguf.Keys.LLM.FINAL_LOGIT_SOFTCAPPING)
+        config.attn_logit_softcapping = key(gguf.Keys.LLM.ATTN_LOGIT_SOFTCAPPING)
+        pattern = key(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN)
+        if isinstance(pattern, list):
+            config.layer_types = ["sliding_attention" if swa else "full_attention" for swa in pattern]
+    if arch != "gpt2":
+        full, swa = config.rope_parameters.get("full_attention", config.rope_parameters), \
+            config.rope_parameters.get("sliding_attention")
+        if swa is not None and key(gguf.Keys.Rope.FREQ_BASE_SWA) is not None:
+            swa["rope_theta"] = key(gguf.Keys.Rope.FREQ_BASE_SWA)
+        if key(gguf.Keys.Rope.SCALING_TYPE) == "linear":
+            full.update(rope_type="linear", factor=key(gguf.Keys.Rope.SCALING_FACTOR))
+        if key(gguf.Keys.Rope.DIMENSION_COUNT) and key(gguf.Keys.Rope.DIMENSION_COUNT) != _head_dim(config):
+            full["partial_rotary_factor"] = key(gguf.Keys.Rope.DIMENSION_COUNT) / _head_dim(config)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=dtype)
+    freqs = [t for t in reader.tensors if t.name == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"]
+    if freqs:  # llama.cpp divides rotary frequency i by rope_freqs[i]
+        dim, base = key(gguf.Keys.Rope.DIMENSION_COUNT), key(gguf.Keys.Rope.FREQ_BASE)
+        default = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+        inv_freq = default / torch.from_numpy(np.array(freqs[0].data, dtype=np.float32))
+        for module in model.modules():
+            if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+                module.inv_freq, module.original_inv_freq = inv_freq.clone(), inv_freq.clone()
+    return model.eval()
+
+
 # -- Ollama ---------------------------------------------------------------------------------------------------------
-_CHATML_TEMPLATE = """{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}{{- range .Messages }}<|im_start|>{{ .Role }}
+# Ollama hands a template both `.System` (every system message, joined) and `.Messages` (all messages, the system
+# ones included: `collate` in ollama's template/template.go), and puts the Modelfile's SYSTEM into `.Messages` as a
+# first system message when a request brings none (server/routes.go). So the template renders `.Messages` alone:
+# each system prompt once, where the conversation has it, as the Hugging Face ChatML templates do. Rendering
+# `.System` as well showed it twice.
+_CHATML_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>
 {{ end }}<|im_start|>assistant
 """
+_PROBE = "lora-probe-7f3a"  # a user message no template adds anything to
+
+
+def _default_system_prompt(chat_template: str) -> str | None:
+    """The system prompt a ChatML ``chat_template`` adds when the conversation brings none, else None.
+
+    Found by rendering the template (with transformers' own renderer) on a one-message conversation, so a default
+    behind any Jinja logic is found (Qwen2.5 keeps it in an ``else`` branch) and template text that is no default
+    is not taken for one.
+    """
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        rendered, _ = render_jinja_template([[{"role": "user", "content": _PROBE}]], chat_template=chat_template)
+    except (TemplateError, TypeError, ValueError):  # needs more than a plain conversation: no default to offer
+        return None
+    head, found, _ = rendered[0].partition(f"<|im_start|>user\n{_PROBE}<|im_end|>\n")
+    opening, closing = "<|im_start|>system\n", "<|im_end|>\n"
+    if not found or not head.startswith(opening) or not head.endswith(closing):
+        return None
+    system = head[len(opening):-len(closing)]
+    # one ChatML block, and text that fits in the Modelfile's """...""" quotes
+    return system if system and "<|im_start|>" not in system and '"""' not in system else None
 
 
 def ollama_modelfile(gguf_file: str, chat_template: str | None, stop_tokens: list[str], temperature: float,
                      adapter_file: str | None = None) -> str:
     """The text of an Ollama Modelfile for ``gguf_file`` (paths relative to the Modelfile).
 
-    ChatML templates (SmolLM, Qwen, ...) are converted to Ollama's Go template, with the template's default system
-    prompt as ``SYSTEM``. Other templates are left out: Ollama then falls back to the GGUF's own chat template.
+    ChatML templates (SmolLM, Qwen, ...) are converted to Ollama's Go template, with the system prompt the template
+    adds to a conversation that has none as ``SYSTEM`` (Ollama too injects it only when a request brings no system
+    prompt first), so Ollama's prompt equals ``apply_chat_template(messages, add_generation_prompt=True)``.
+    Other templates are left out:
+    Ollama then falls back to the GGUF's own chat template.
     """
     lines = [f"FROM ./{gguf_file}"]
     if adapter_file:
         lines.append(f"ADAPTER ./{adapter_file}")
     if chat_template and "<|im_start|>" in chat_template:
         lines.append(f'TEMPLATE """{_CHATML_TEMPLATE}"""')
-        default_system = re.search(r"<\|im_start\|>system\n(.+?)<\|im_end\|>", chat_template, re.S)
-        if default_system and "{{" not in default_system.group(1):
-            lines.append(f'SYSTEM """{default_system.group(1)}"""')
+        default_system = _default_system_prompt(chat_template)
+        if default_system:
+            lines.append(f'SYSTEM """{default_system}"""')
     for token in stop_tokens:
         lines.append(f'PARAMETER stop "{token}"')
     lines.append(f"PARAMETER temperature {temperature}")
@@ -454,4 +774,5 @@ def write_modelfile(model: str | os.PathLike, gguf_path: str | os.PathLike, temp
 
 
 __all__ = ["export_merged", "export_gguf", "export_adapter_gguf", "write_modelfile", "ollama_modelfile",
-           "resolve_base_folder", "BaseWeights", "merged_tensors", "permute_for_llama_cpp", "GGUF_DTYPES"]
+           "resolve_base_folder", "BaseWeights", "merged_tensors", "permute_for_llama_cpp", "GGUF_DTYPES",
+           "read_gguf_model", "llama_cpp_pre_tokenizer"]

@@ -144,8 +144,12 @@ def test_gpt2_gguf_read_back_by_transformers_matches_the_merged_model(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens).logits, expected, atol=1e-4, rtol=0)
-    with pytest.raises(ValueError, match="supports llama, mistral models; .* is a 'gpt2' model"):
-        export_adapter_gguf(tmp_path / "base", tmp_path / "adapter", tmp_path / "a.gguf")
+    # the adapter alone too (per family in test_gguf_families.py): Conv1D's LoRA A/B already have llama.cpp's layout
+    import gguf
+
+    adapter_path = export_adapter_gguf(tmp_path / "base", tmp_path / "adapter", tmp_path / "a.gguf")
+    names = {t.name for t in gguf.GGUFReader(str(adapter_path)).tensors}
+    assert "blk.0.attn_qkv.weight.lora_a" in names and len(names) == 2 * 4 * 2  # 4 Conv1D per block, A and B
 
 
 def test_gguf_refuses_other_architectures_and_bad_dtype(tmp_path):
@@ -153,7 +157,8 @@ def test_gguf_refuses_other_architectures_and_bad_dtype(tmp_path):
 
     OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
                              word_embed_proj_dim=16)).save_pretrained(tmp_path / "opt")
-    with pytest.raises(ValueError, match="GGUF export supports llama, mistral, gpt2 models; .* is a 'opt' model"):
+    with pytest.raises(ValueError, match="GGUF export supports llama, mistral, .*gpt2 models; .* is a 'opt' "
+                                         "model. Export a merged folder instead \\(lora merge\\)"):
         export_gguf(tmp_path / "opt", tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
     with pytest.raises(ValueError, match="dtype must be one of"):

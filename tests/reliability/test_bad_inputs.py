@@ -448,19 +448,19 @@ def _(tmp):
     return lambda: export_merged(base, folder, tmp / "exports" / "merged")
 
 
-@row("export-gguf-unsupported-architecture", r"GGUF export supports .*'qwen2' model",
+@row("export-gguf-unsupported-architecture", r"GGUF export supports .*'olmo2' model",
      r"Export a merged folder instead \(lora merge\)")
 def _(tmp):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Olmo2Config, Olmo2ForCausalLM
 
     from lora.export import export_gguf
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    cfg = Olmo2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    Qwen2ForCausalLM(cfg).save_pretrained(tmp / "qwen")
+    Olmo2ForCausalLM(cfg).save_pretrained(tmp / "olmo")
     out = existing_output(tmp / "exports" / "model.gguf", is_dir=False)
-    return lambda: export_gguf(tmp / "qwen", out)
+    return lambda: export_gguf(tmp / "olmo", out)
 
 
 @row("export-gguf-base-is-a-gguf-file", r"base\.gguf is a GGUF file", r"Convert it first")

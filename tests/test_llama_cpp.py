@@ -1,0 +1,102 @@
+"""llama.cpp itself as the reader of our GGUF files: the same logits as transformers, the same token ids.
+
+llama.cpp comes from the optional extra ``pip install -e '.[llamacpp]'`` (llama-cpp-python, a source package that
+builds llama.cpp with the local C/C++ toolchain, about 8 minutes on 2 cores; CI builds it). Without it these tests
+skip and say so.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import lora
+from lora.export import export_adapter_gguf, export_gguf
+from conftest import make_bpe_tokenizer, randomize_adapters
+from families import make_family
+from test_gguf_families import (EXPORTED, LLAMA3_SPLIT, QWEN2_SPLIT, make_sentencepiece_style_tokenizer,
+                                split_then_bytes, with_pre_tokenizer)
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install -e '.[llamacpp]' "
+                                                    "(builds llama-cpp-python from source)")
+from tokenizers import pre_tokenizers  # noqa: E402
+
+TEXT = "the quick brown fox jumps over the lazy dog, order AB-12345 from Lisbon"
+F32 = 0  # ggml's type id for float32: the KV cache in f32, so only llama.cpp's own kernels differ from torch
+# ggml computes GELU through an fp16 table (Gemma, GPT-2): ~2e-3 on logits of magnitude ~10; everything else ~1e-5
+TOLERANCE = 5e-3
+
+
+def run_llama_cpp(path, ids, lora_path=None) -> np.ndarray:
+    """llama.cpp's logits for every position of ``ids`` (float32 KV cache, one thread per core here)."""
+    llm = llama_cpp.Llama(str(path), lora_path=str(lora_path) if lora_path else None, n_ctx=64, logits_all=True,
+                          type_k=F32, type_v=F32, n_threads=2, verbose=False)
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_bpe_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tokenizer):
+    """family -> (folder with base/ and adapter/, the adapter model's logits on TEXT, TEXT's ids)."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            root = tmp_path_factory.mktemp(family)
+            model = make_family(family, tokenizer)
+            model.save_pretrained(root / "base")
+            tokenizer.save_pretrained(root / "base")
+            lora.inject(model, lora.LoraConfig(r=4, alpha=8))
+            randomize_adapters(model)
+            lora.save_adapter(model, root / "adapter")
+            ids = tokenizer(TEXT)["input_ids"]
+            with torch.no_grad():
+                cache[family] = root, model(torch.tensor([ids])).logits[0].numpy(), ids
+        return cache[family]
+    return get
+
+
+@pytest.mark.parametrize("family", EXPORTED)
+def test_llama_cpp_runs_the_merged_gguf_with_the_adapter_models_logits(trained, family):
+    root, expected, ids = trained(family)
+    path = export_gguf(root / "base", root / "merged.gguf", root / "adapter", dtype="f32")
+    error = float(np.abs(run_llama_cpp(path, ids) - expected).max())
+    print(f"{family}: llama.cpp merged max |d| = {error:.2g}")
+    assert error <= TOLERANCE
+
+
+@pytest.mark.parametrize("family", EXPORTED)
+def test_llama_cpp_applies_the_adapter_gguf_to_the_base_gguf(trained, family):
+    root, expected, ids = trained(family)
+    base = export_gguf(root / "base", root / "base.gguf", dtype="f32")
+    adapter = export_adapter_gguf(root / "base", root / "adapter", root / "adapter.gguf")
+    with_adapter = run_llama_cpp(base, ids, lora_path=adapter)
+    error = float(np.abs(with_adapter - expected).max())
+    print(f"{family}: llama.cpp base + adapter max |d| = {error:.2g}")
+    assert error <= TOLERANCE
+    assert float(np.abs(run_llama_cpp(base, ids) - expected).max()) > 100 * TOLERANCE  # the adapter is what matched
+
+
+@pytest.mark.parametrize("make", [
+    make_bpe_tokenizer,  # gpt-2
+    lambda: with_pre_tokenizer(split_then_bytes(LLAMA3_SPLIT), ignore_merges=True),  # llama-bpe
+    lambda: with_pre_tokenizer(split_then_bytes(LLAMA3_SPLIT)),  # smaug-bpe
+    lambda: with_pre_tokenizer(split_then_bytes(QWEN2_SPLIT)),  # qwen2
+    lambda: with_pre_tokenizer(pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])),  # smollm
+    make_sentencepiece_style_tokenizer,  # llama.cpp's "llama" (SentencePiece) model
+], ids=["gpt-2", "llama-bpe", "smaug-bpe", "qwen2", "smollm", "sentencepiece"])
+def test_llama_cpp_tokenizes_like_the_hugging_face_tokenizer(tmp_path, make):
+    tokenizer = make()
+    make_family("llama3", tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    path = export_gguf(tmp_path, tmp_path / "model.gguf", dtype="f32", verify=False)
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    for text in (TEXT, "Order AB-12345 shipped 2024-01-02, it's HERE'S the\n\n  quick  brown fox!!", "don't 123456789",
+                 "  leading spaces and trailing  ", "é 東京 fox"):
+        theirs = llm.tokenize(text.encode(), add_bos=False, special=False)
+        assert theirs == tokenizer(text, add_special_tokens=False)["input_ids"], text

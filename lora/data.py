@@ -225,6 +225,18 @@ def to_messages(record: dict, fmt: str) -> list[dict]:
     raise ValueError(f"the {fmt!r} format has no prompt/answer structure")
 
 
+def _special_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before any text (a BOS, for Llama-style tokenizers; none for GPT-2),
+    found by what it does rather than by ``add_bos_token``, which tokenizers that add BOS in their post-processor
+    do not set."""
+    marked = tokenizer("x")["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    for start in range(len(marked) - len(plain) + 1):
+        if marked[start:start + len(plain)] == plain:
+            return marked[:start]
+    return []
+
+
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     """Token ids of a conversation: the one place prompts are formatted, for training, evaluation and generation.
 
@@ -241,8 +253,7 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
     def piece(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    bos = tokenizer.bos_token_id
-    ids: list[int] = [bos] if bos is not None and getattr(tokenizer, "add_bos_token", False) else []
+    ids = _special_prefix(tokenizer)
     for m in messages:
         ids += piece(f"{m['role']}:")
         if m["role"] == "assistant":

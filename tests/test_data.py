@@ -102,6 +102,23 @@ def test_a_byte_level_bpe_without_chat_template_trains_and_generates_from_the_sa
         assert ids[0].tolist() == ex["input_ids"][:first]
 
 
+def test_the_plain_template_starts_with_the_bos_a_post_processor_adds(tmp_path):
+    """Llama-3-style base tokenizers add BOS in their post-processor and do not set add_bos_token."""
+    from tokenizers import processors
+
+    from conftest import make_bpe_tokenizer
+    from lora.data import render_chat
+
+    tok = make_bpe_tokenizer()
+    tok.chat_template = None
+    bos = tok.convert_tokens_to_ids("<|im_start|>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                                        special_tokens=[("<|im_start|>", bos)])
+    assert not getattr(tok, "add_bos_token", False)
+    ids = render_chat(tok, [{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    assert ids[0] == bos and ids.count(bos) == 1
+
+
 def test_exact_match_prompts_keep_the_system_prompt_and_earlier_turns(tmp_path, char_tokenizer):
     from lora.data import prompts_and_answers
 

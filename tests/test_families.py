@@ -114,3 +114,14 @@ def test_the_loss_shortcut_is_used_only_where_it_equals_the_model_logits(tokeniz
         objective = BatchLoss(make_family(family, tokenizer), "lm", loss_chunk=8)
         decided[family] = objective.check_shortcut(batch)[0]
     assert decided == {"llama3": True, "gemma2": False, "granite": False}
+
+
+def test_the_packing_probe_sees_a_model_mix_examples_whatever_comes_first(tokenizer, examples, tmp_path, capsys):
+    """Two long examples first, which cannot share a row: the probe still packs the shortest ones and finds out."""
+    long = {"input_ids": list(range(3, 43)), "targets": list(range(4, 43)) + [IGNORE]}  # 40 of 64 tokens
+    data = [long, dict(long)] + examples
+    model = make_family("bloom", tokenizer)
+    lora.inject(model, lora.LoraConfig(r=4, alpha=8))
+    trainer = lora.Trainer(model, lora.TrainConfig(output_dir=str(tmp_path), seq_len=64), data)
+    assert trainer.rows is data
+    assert "does not keep packed examples apart" in capsys.readouterr().out

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import lora
-from lora.generate import filter_logits
+from lora.generate import filter_logits, generate
 from conftest import make_llama_for
 from tiny_gpt import TinyGPT
 
@@ -103,3 +103,17 @@ def test_bad_sampling_arguments(kwargs, message):
 def test_text_prompt_without_tokenizer_is_refused():
     with pytest.raises(ValueError, match="text prompts need a tokenizer"):
         lora.generate(TinyGPT(), None, "hello")
+
+
+def test_exact_match_answers_in_the_order_of_the_prompts_though_it_batches_them_by_length(char_tokenizer):
+    """Prompts are sorted by length into batches; each answer must still land on its own prompt, and equal the
+    answer the prompt gets alone."""
+    from lora.generate import exact_match
+
+    model = make_llama_for(char_tokenizer, seed=3)
+    prompts = ["a much longer prompt than the others", "hi", [{"role": "system", "content": "S"},
+                                                               {"role": "user", "content": "mid length"}], "abc"]
+    alone = [generate(model, char_tokenizer, p, max_new_tokens=5, temperature=0, chat=True) for p in prompts]
+    assert len(set(alone)) > 1  # the prompts get different answers, so a mix-up would show
+    accuracy, predictions = exact_match(model, char_tokenizer, prompts, alone, max_new_tokens=5, batch_size=2)
+    assert predictions == alone and accuracy == 1.0

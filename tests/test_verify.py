@@ -213,7 +213,8 @@ def test_cli_adapter_only_checks_the_base_gguf_with_the_adapter_gguf(llama, tmp_
     assert digest(adapter_file) == before and no_leftovers(tmp_path)
 
 
-def test_an_adapter_gguf_that_cannot_be_applied_leaves_the_base_checked_alone_and_says_so(llama, tmp_path):
+def test_an_adapter_gguf_that_cannot_be_applied_is_refused(llama, tmp_path):
+    """Checking the base alone would pass whatever the adapter file holds."""
     import gguf
 
     base_gguf = export_gguf(llama / "base", tmp_path / "model.gguf", dtype="f32", verify=False)
@@ -223,6 +224,22 @@ def test_an_adapter_gguf_that_cannot_be_applied_leaves_the_base_checked_alone_an
     writer.add_tensor("blk.7.attn_q.weight.lora_a", torch.zeros(4, 32).numpy())
     writer.add_tensor("blk.7.attn_q.weight.lora_b", torch.zeros(32, 4).numpy())
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
-    check = verify_export(llama / "base", llama / "adapter", base_gguf, adapter_gguf=tmp_path / "odd.gguf")
-    assert check.compared_with == "the base model" and check.max_dlogit < 1e-4
-    assert "the adapter GGUF was not checked (no layer" in str(check) and "checked alone" in str(check)
+    with pytest.raises(ValueError, match=r"the adapter GGUF could not be applied .*\(no layer .*--no-verify"):
+        verify_export(llama / "base", llama / "adapter", base_gguf, adapter_gguf=tmp_path / "odd.gguf")
+
+
+def test_a_gpt2_adapter_gguf_is_applied_to_its_conv1d_layers_and_checked(tmp_path):
+    from lora.export import export_adapter_gguf
+
+    gpt2 = save_base_and_adapter(tmp_path / "gpt2", make_gpt2())
+    base_gguf = export_gguf(gpt2 / "base", tmp_path / "model.gguf", dtype="f32", verify=False)
+    for adapter, right in (("adapter", True), ("adapter_x2", False)):
+        adapter_gguf = export_adapter_gguf(gpt2 / "base", gpt2 / adapter, tmp_path / f"{adapter}.gguf")
+        if right:
+            check = verify_export(gpt2 / "base", gpt2 / "adapter", base_gguf, adapter_gguf=adapter_gguf)
+            assert check.compared_with == "the adapter model" and check.max_dlogit < check.tolerance
+        else:
+            with pytest.raises(ValueError, match="export check failed"):
+                verify_export(gpt2 / "base", gpt2 / "adapter", base_gguf, adapter_gguf=adapter_gguf)
+
+

@@ -706,6 +706,15 @@ _CHATML_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
 _PROBE = "lora-probe-7f3a"  # a user message no template adds anything to
 
 
+def _plain_template(eos_token: str) -> str:
+    """The plain ``role: content`` format :func:`lora.data.render_chat` trains a tokenizer without a chat template
+    on, as Ollama's Go template: each turn ``"role: content"``, a newline after a prompt turn, EOS after an answer,
+    then ``"assistant:"``. Those piece boundaries fall where byte-level BPE splits anyway, so Ollama tokenizing the
+    whole text gives the ids training saw."""
+    return ('{{- range .Messages }}{{ .Role }}: {{ .Content }}{{ if eq .Role "assistant" }}' + eos_token
+            + '{{ else }}\n{{ end }}{{ end }}assistant:')
+
+
 def _default_system_prompt(chat_template: str) -> str | None:
     """The system prompt a ChatML ``chat_template`` adds when the conversation brings none, else None.
 
@@ -735,14 +744,16 @@ def ollama_modelfile(gguf_file: str, chat_template: str | None, stop_tokens: lis
 
     ChatML templates (SmolLM, Qwen, ...) are converted to Ollama's Go template, with the system prompt the template
     adds to a conversation that has none as ``SYSTEM`` (Ollama too injects it only when a request brings no system
-    prompt first), so Ollama's prompt equals ``apply_chat_template(messages, add_generation_prompt=True)``.
-    Other templates are left out:
-    Ollama then falls back to the GGUF's own chat template.
+    prompt first), so Ollama's prompt equals ``apply_chat_template(messages, add_generation_prompt=True)``. A
+    tokenizer without a chat template gets the plain format training used (:func:`lora.data.render_chat`). Other
+    templates are left out: Ollama then falls back to the GGUF's own chat template.
     """
     lines = [f"FROM ./{gguf_file}"]
     if adapter_file:
         lines.append(f"ADAPTER ./{adapter_file}")
-    if chat_template and "<|im_start|>" in chat_template:
+    if not chat_template and stop_tokens:
+        lines.append(f'TEMPLATE """{_plain_template(stop_tokens[0])}"""')
+    elif chat_template and "<|im_start|>" in chat_template:
         lines.append(f'TEMPLATE """{_CHATML_TEMPLATE}"""')
         default_system = _default_system_prompt(chat_template)
         if default_system:

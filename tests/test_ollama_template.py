@@ -144,12 +144,16 @@ def test_generate_prompt_equals_hf_template_with_the_system_once(family, system)
     assert_systems_once(prompt, expected_systems(messages, DEFAULTS[family]))
 
 
-def test_the_old_template_showed_the_system_prompt_twice():
-    """The regression: with .System and .Messages both rendered, a system prompt came out twice."""
-    old = SimpleNamespace(template=OLD_TEMPLATE, system="You are a test assistant.")
-    prompt = chat_prompt(old, CONVERSATIONS["user"])
-    assert prompt.count("You are a test assistant.") == 2
-    assert generate_prompt(old, "Hi", "Be brief.").count("Be brief.") == 2
+def test_a_tokenizer_without_chat_template_gets_the_plain_format_it_trained_on():
+    """No chat template: training used render_chat's plain "role: content" format, so Ollama must send that."""
+    from lora.data import render_chat
+
+    tokenizer = make_char_tokenizer(None)
+    modelfile = read_modelfile(ollama_modelfile("m.gguf", None, [tokenizer.eos_token], 0.7))
+    for messages in CONVERSATIONS.values():
+        trained = tokenizer.decode(render_chat(tokenizer, messages, add_generation_prompt=True))
+        assert chat_prompt(modelfile, messages) == trained
+    assert generate_prompt(modelfile, "Hi") == tokenizer.decode(render_chat(tokenizer, [msg("user", "Hi")], True))
 
 
 def test_smollm2_modelfile_matches_its_own_chat_template(tmp_path):

@@ -220,6 +220,18 @@ _ROPE_TYPES = {"default": tuple(_GGUF_ARCHS.values()), "linear": tuple(_GGUF_ARC
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
+def _llama_cpp_query_scalar(config, arch: str) -> int:
+    """What llama.cpp scales a Gemma model's queries by (1/sqrt of it), from the shape alone."""
+    if config.num_hidden_layers == _GEMMA_27B_LAYERS[arch]:
+        return config.hidden_size // config.num_attention_heads
+    return config.head_dim
+
+
+def _default_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    """Unscaled rotary frequencies, (dim / 2,): what llama.cpp's rope_freqs divides."""
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+
+
 def _rope(config) -> tuple[dict, dict | None]:
     """(rope parameters of full-attention layers, those of sliding-window layers when they differ, else None)."""
     params = dict(getattr(config, "rope_parameters", None) or {})
@@ -257,9 +269,7 @@ def _gguf_config(folder: Path, what: str = "GGUF export"):
                          f"{config.model_type!r} model. {_MERGED_ROUTE}, and check that llama.cpp supports it")
     problems = []
     if arch in _GEMMA_27B_LAYERS:  # Gemma 2 and 3
-        head_dim = config.head_dim
-        llama_cpp_scalar = config.hidden_size // config.num_attention_heads \
-            if config.num_hidden_layers == _GEMMA_27B_LAYERS[arch] else head_dim
+        llama_cpp_scalar = _llama_cpp_query_scalar(config, arch)
         if config.query_pre_attn_scalar != llama_cpp_scalar:
             problems.append(f"query_pre_attn_scalar={config.query_pre_attn_scalar}, where llama.cpp scales queries "
                             f"by 1/sqrt({llama_cpp_scalar}) for this shape")
@@ -354,8 +364,7 @@ def _rope_freqs(config) -> torch.Tensor:
     if attention_factor != 1.0:
         raise ValueError(f"rope scaling {full} also scales attention by {attention_factor}, which rope_freqs "
                          f"cannot hold. {_MERGED_ROUTE}")
-    default = 1.0 / full["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
-    return (default / scaled.float()).float()  # (dim / 2,)
+    return (_default_inv_freq(full["rope_theta"], dim) / scaled.float()).float()  # (dim / 2,)
 
 
 _GPT2_CONV1D = (".attn_qkv.weight", ".attn_output.weight", ".ffn_up.weight", ".ffn_down.weight")
@@ -665,8 +674,7 @@ def read_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     elif key(gguf.Keys.Attention.KEY_LENGTH):
         config.head_dim = key(gguf.Keys.Attention.KEY_LENGTH)
     if arch in _GEMMA_27B_LAYERS:  # Gemma 2 and 3
-        config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads \
-            if config.num_hidden_layers == _GEMMA_27B_LAYERS[arch] else config.head_dim
+        config.query_pre_attn_scalar = _llama_cpp_query_scalar(config, arch)
         config.final_logit_softcapping = key(gguf.Keys.LLM.FINAL_LOGIT_SOFTCAPPING)
         config.attn_logit_softcapping = key(gguf.Keys.LLM.ATTN_LOGIT_SOFTCAPPING)
         pattern = key(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN)
@@ -685,8 +693,7 @@ def read_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     freqs = [t for t in reader.tensors if t.name == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"]
     if freqs:  # llama.cpp divides rotary frequency i by rope_freqs[i]
         dim, base = key(gguf.Keys.Rope.DIMENSION_COUNT), key(gguf.Keys.Rope.FREQ_BASE)
-        default = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
-        inv_freq = default / torch.from_numpy(np.array(freqs[0].data, dtype=np.float32))
+        inv_freq = _default_inv_freq(base, dim) / torch.from_numpy(np.array(freqs[0].data, dtype=np.float32))
         for module in model.modules():
             if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
                 module.inv_freq, module.original_inv_freq = inv_freq.clone(), inv_freq.clone()

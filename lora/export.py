@@ -305,6 +305,13 @@ def permute_for_llama_cpp(weight: torch.Tensor, n_head: int) -> torch.Tensor:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def unpermute_from_llama_cpp(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of :func:`permute_for_llama_cpp`: llama.cpp's interleaved rotary rows back to two halves per
+    head."""
+    return (weight.reshape(n_head, weight.shape[0] // n_head // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -463,8 +470,9 @@ def llama_cpp_pre_tokenizer(tokenizer) -> str | None:
 def _gguf_pre_tokenizer(tokenizer, folder: Path) -> str:
     """``tokenizer.ggml.pre`` for the base: recorded when the base was converted from a GGUF file, else derived."""
     source = folder / SOURCE_INFO
-    if source.is_file() and "tokenizer.ggml.pre" in json.loads(source.read_text()):
-        return json.loads(source.read_text())["tokenizer.ggml.pre"]
+    recorded = json.loads(source.read_text()).get("tokenizer.ggml.pre") if source.is_file() else None
+    if recorded is not None:
+        return recorded
     pre = llama_cpp_pre_tokenizer(tokenizer)
     if pre is None:
         # A warning, not a refusal: the vocabulary and merges are the model's own, so llama.cpp runs the model and
@@ -792,5 +800,6 @@ def write_modelfile(model: str | os.PathLike, gguf_path: str | os.PathLike, temp
 
 
 __all__ = ["export_merged", "export_gguf", "export_adapter_gguf", "write_modelfile", "ollama_modelfile",
-           "resolve_base_folder", "BaseWeights", "merged_tensors", "permute_for_llama_cpp", "GGUF_DTYPES",
+           "resolve_base_folder", "BaseWeights", "merged_tensors", "permute_for_llama_cpp", "unpermute_from_llama_cpp",
+           "GGUF_DTYPES",
            "read_gguf_model", "llama_cpp_pre_tokenizer"]

@@ -266,26 +266,22 @@ def reference_logits(folder: Path, adapter: str | os.PathLike | None, ids: list[
     return logits, base, rounded
 
 
-def _unpermute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's interleaved rotary rows (of Q, K, or a LoRA B) back to Hugging Face's two halves per head."""
-    return (weight.reshape(n_head, weight.shape[0] // n_head // 2, 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
-
-
 def _as_read(B: torch.Tensor, stored: torch.Tensor, read: torch.Tensor, config) -> torch.Tensor | None:
     """``B``'s rows in the order transformers' GGUF loader gave the base weight they update (None: no known order).
 
     Decided from the weights themselves: the loader either kept a stored base weight's rows as they are, or put
     llama.cpp's interleaved rotary rows back into halves per head (Q with the query heads, K with the key heads).
     """
+    from .export import unpermute_from_llama_cpp
+
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         return a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=0)
 
     if same(stored, read):
         return B
     for n_head in dict.fromkeys((config.num_attention_heads, getattr(config, "num_key_value_heads", None))):
-        if n_head and stored.shape[0] % (2 * n_head) == 0 and same(_unpermute(stored, n_head), read):
-            return _unpermute(B, n_head)
+        if n_head and stored.shape[0] % (2 * n_head) == 0 and same(unpermute_from_llama_cpp(stored, n_head), read):
+            return unpermute_from_llama_cpp(B, n_head)
     return None
 
 

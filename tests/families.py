@@ -60,3 +60,17 @@ def make_family(family: str, tokenizer, seed: int = 0) -> torch.nn.Module:
         ids["pad_token_id"] = tokenizer.pad_token_id
     config = getattr(transformers, config_cls)(**(ids | kwargs))
     return getattr(transformers, model_cls)(config).float().eval()
+
+
+def save_base_and_adapter(root, model: torch.nn.Module, tokenizer, **lora_config) -> torch.nn.Module:
+    """Save ``model`` and ``tokenizer`` as ``root/base``, inject an all-linear adapter with random-looking factors
+    (as after training) and save it as ``root/adapter``; returns the model with its adapter."""
+    import lora
+    from conftest import randomize_adapters
+
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    lora.inject(model, lora.LoraConfig(r=4, alpha=8, **lora_config))
+    randomize_adapters(model)
+    lora.save_adapter(model, root / "adapter")
+    return model

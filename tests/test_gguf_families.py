@@ -20,8 +20,8 @@ import lora
 import lora.adapter_io
 from lora.adapter_io import read_adapter
 from lora.export import export_adapter_gguf, export_gguf, llama_cpp_pre_tokenizer, read_gguf_model
-from conftest import make_bpe_tokenizer, randomize_adapters
-from families import FAMILIES, make_family
+from conftest import make_bpe_tokenizer
+from families import FAMILIES, make_family, save_base_and_adapter
 
 EXPORTED = ["llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2"]
 # OLMo 2 and Granite: transformers' GGUF loader has no reader for them. Bloom: both read it, but it is not written
@@ -39,11 +39,7 @@ def tokenizer():
 def build(root, model, tokenizer, **lora_config):
     """Save ``model`` (+ tokenizer) as a base folder and a random-looking all-linear adapter for it; return the
     merged model's logits on TOKENS."""
-    model.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    lora.inject(model, lora.LoraConfig(r=4, alpha=8, **lora_config))
-    randomize_adapters(model)
-    lora.save_adapter(model, root / "adapter")
+    model = save_base_and_adapter(root, model, tokenizer, **lora_config)
     with torch.no_grad():
         return lora.merge_and_unload(model)(TOKENS).logits
 

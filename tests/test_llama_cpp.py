@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import lora
 from lora.export import export_adapter_gguf, export_gguf
-from conftest import make_bpe_tokenizer, randomize_adapters
-from families import make_family
+from conftest import make_bpe_tokenizer
+from families import make_family, save_base_and_adapter
 from test_gguf_families import (EXPORTED, LLAMA3_SPLIT, QWEN2_SPLIT, make_sentencepiece_style_tokenizer,
                                 split_then_bytes, with_pre_tokenizer)
 
@@ -47,12 +46,7 @@ def trained(tmp_path_factory, tokenizer):
     def get(family):
         if family not in cache:
             root = tmp_path_factory.mktemp(family)
-            model = make_family(family, tokenizer)
-            model.save_pretrained(root / "base")
-            tokenizer.save_pretrained(root / "base")
-            lora.inject(model, lora.LoraConfig(r=4, alpha=8))
-            randomize_adapters(model)
-            lora.save_adapter(model, root / "adapter")
+            model = save_base_and_adapter(root, make_family(family, tokenizer), tokenizer)
             ids = tokenizer(TEXT)["input_ids"]
             with torch.no_grad():
                 cache[family] = root, model(torch.tensor([ids])).logits[0].numpy(), ids

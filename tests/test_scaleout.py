@@ -64,7 +64,10 @@ WORKER = textwrap.dedent("""
         try:
             run("nan", callbacks=[poison], save_every=1)
         except FloatingPointError as e:
-            print(f"RANK {{os.environ['RANK']}}: {{e}}", flush=True)
+            # one write for the whole line: both ranks share the pipe, and print's separate newline write could
+            # land after the other rank's line (seen in CI as "...checkpointRANK 0: ...")
+            sys.stdout.write(f"RANK {{os.environ['RANK']}}: {{e}}\\n")
+            sys.stdout.flush()
             sys.exit(3)
     elif scenario == "killed":
         def kill_at_3(trainer, step, metrics):

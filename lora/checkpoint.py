@@ -4,7 +4,8 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step-NNNNNNN`` written atomi
 
 - ``adapter/``: the adapter as a PEFT folder (usable on its own);
 - ``trainable.safetensors``: every trainable parameter by name (adapters, trained biases, ``modules_to_save``);
-- ``state.safetensors``: AdamW's moments as ``optim.<parameter>.<field>`` and every process's RNG state;
+- ``state.safetensors``: AdamW's moments as ``optim.<parameter>.<field>``, every process's RNG state, and early
+  stopping's best weights so far as ``best.<parameter>``;
 - ``trainer_state.json``: step, run length, optimizer scalars and groups, Python's RNG, history, the config, and
   the shape of the run (processes, rows per optimizer step) that resuming must match.
 """
@@ -198,7 +199,8 @@ class Checkpoints:
         return done[-1] if done else None
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, adapter: str,
-             rng: dict[str, Any], rng_tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+             rng: dict[str, Any], rng_tensors: dict[str, torch.Tensor], state: dict[str, Any],
+             best_weights: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the checkpoint of ``step`` (main process only), then drop all but the newest ``keep``.
 
         Args:
@@ -210,6 +212,7 @@ class Checkpoints:
             rng: This process's :func:`rng_state` at the step boundary (Python's part is saved).
             rng_tensors: Every process's torch RNG states, from :func:`gather_rng`.
             state: More JSON to keep in ``trainer_state.json`` (history, config, run shape).
+            best_weights: Early stopping's best trainable weights so far, kept as ``best.<parameter>``.
         """
         final = self.folder / f"step-{step:07d}"
         if final.exists():
@@ -225,6 +228,7 @@ class Checkpoints:
             else:
                 tensors, meta = optimizer_state(optimizer, {id(p): n for n, p in trainable.items()})
             tensors.update({f"rng.{k}": v for k, v in rng_tensors.items()})
+            tensors.update({f"best.{k}": v.float().contiguous() for k, v in (best_weights or {}).items()})
             save_file(tensors, str(tmp / "state.safetensors"))
             (tmp / "trainer_state.json").write_text(json.dumps(
                 {"step": step, "optimizer": meta, "python_random": rng["python"], **state}, indent=1))
@@ -235,7 +239,8 @@ class Checkpoints:
     @staticmethod
     def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, shape: RunShape,
              process_index: int) -> dict[str, Any]:
-        """Load checkpoint ``path`` into ``model``, ``optimizer`` and the RNGs; returns its ``trainer_state.json``.
+        """Load checkpoint ``path`` into ``model``, ``optimizer`` and the RNGs; returns its ``trainer_state.json``,
+        plus ``best_weights`` (early stopping's, by parameter name; empty if none were saved).
 
         A run with another number of processes may resume if it takes the same rows per optimizer step: every
         step then sees the same rows and the same summed gradient. Each process takes its own RNG state back (the
@@ -283,6 +288,7 @@ class Checkpoints:
                 if which in ("", f"rank{rank}"):  # "" : a checkpoint from before per-process states
                     rng[name] = t
         set_rng_state(rng, state["python_random"])
+        state["best_weights"] = {k[len("best."):]: t for k, t in tensors.items() if k.startswith("best.")}
         return state
 
 

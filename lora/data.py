@@ -6,6 +6,7 @@ is taken: prompt tokens, padding, and each example's last position, so packed ex
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -385,34 +386,43 @@ def load_dataset(path: str | Path, tokenizer, format: str | None = None, max_len
 
 
 def pack(examples: list[dict], seq_len: int, pad_id: int) -> list[dict]:
-    """Pack examples into rows of exactly ``seq_len`` tokens, in order, without splitting any example.
+    """Pack examples into rows of exactly ``seq_len`` tokens, without splitting any example.
+
+    Longest first, each example goes into the row with the least room that still fits it (best-fit decreasing):
+    rows come out nearly full, where filling them in file order leaves ~10% padding on short-example data. Inside a
+    row, examples keep their file order; the trainer shuffles rows every epoch.
 
     Positions restart at 0 for every example, which Hugging Face models turn into block-diagonal attention when no
-    ``attention_mask`` is given, so packed examples never see each other. Row tails are padding with no loss.
+    ``attention_mask`` is given, so packed examples never see each other. Row tails are padding with no loss, and
+    their positions restart too (a segment of its own).
     """
-    rows, current = [], {"input_ids": [], "targets": [], "position_ids": []}
-
-    def close() -> None:
-        real = len(current["input_ids"])
-        fill = seq_len - real
-        current["input_ids"] += [pad_id] * fill
-        current["targets"] += [IGNORE] * fill
-        current["position_ids"] += list(range(fill))
-        rows.append({**{k: torch.tensor(v) for k, v in current.items()}, "real_tokens": real})
-
     for ex in examples:
-        n = len(ex["input_ids"])
-        if n > seq_len:
-            raise ValueError(f"an example of {n} tokens does not fit a packed row of {seq_len}; load the data with "
-                             f"max_length <= {seq_len}")
-        if len(current["input_ids"]) + n > seq_len:
-            close()
-            current = {"input_ids": [], "targets": [], "position_ids": []}
-        current["input_ids"] += ex["input_ids"]
-        current["targets"] += ex["targets"]
-        current["position_ids"] += list(range(n))
-    if current["input_ids"]:
-        close()
+        if len(ex["input_ids"]) > seq_len:
+            raise ValueError(f"an example of {len(ex['input_ids'])} tokens does not fit a packed row of {seq_len}; "
+                             f"load the data with max_length <= {seq_len}")
+    members: list[list[int]] = []  # example indices per row
+    room: list[tuple[int, int]] = []  # (free tokens, row), sorted: the best fit is the first with enough room
+    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"])):
+        n = len(examples[i]["input_ids"])
+        at = bisect.bisect_left(room, (n, -1))
+        if at == len(room):
+            members.append([i])
+            free, row = seq_len - n, len(members) - 1
+        else:
+            free, row = room.pop(at)
+            members[row].append(i)
+            free -= n
+        bisect.insort(room, (free, row))
+    rows = []
+    for chosen in members:
+        parts = [examples[i] for i in sorted(chosen)]
+        real = sum(len(ex["input_ids"]) for ex in parts)
+        fill = seq_len - real
+        rows.append({"input_ids": torch.tensor([t for ex in parts for t in ex["input_ids"]] + [pad_id] * fill),
+                     "targets": torch.tensor([t for ex in parts for t in ex["targets"]] + [IGNORE] * fill),
+                     "position_ids": torch.tensor([p for ex in parts for p in range(len(ex["input_ids"]))]
+                                                  + list(range(fill))),
+                     "real_tokens": real})
     return rows
 
 

@@ -282,11 +282,12 @@ class LoRALinear(nn.Module):
             dropout = self.lora_dropout[name]
             x_lora = dropout(x)
             # .to() is a no-op when dtypes agree (fp32 training, or autocast handling the matmuls).
-            lora_out = B(A(x_lora.to(A.weight.dtype)))  # (..., r) -> (..., out)
             if name in self.lora_magnitude_vector:
+                lora_out = B(A(x_lora.to(A.weight.dtype)))  # (..., r) -> (..., out)
                 result = result + self._dora_extra(name, x_lora, base_result, lora_out, isinstance(dropout, nn.Identity))
             else:
-                result = result + (lora_out * self.scaling[name]).to(result.dtype)
+                # scaled at rank r, not at the output width: the same product with a far smaller multiply
+                result = result + B(A(x_lora.to(A.weight.dtype)) * self.scaling[name]).to(result.dtype)
         return result
 
     def _add_initial_part(self, name: str, x: torch.Tensor, result: torch.Tensor,

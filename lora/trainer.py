@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import packed_rows, use_packed_attention
 from .checkpoint import Checkpoints, RunShape, gather_rng, is_sharded, rng_state, whole_parameters
 from .data import IGNORE, collate, model_inputs, pack
 from .dpo import dpo_loss
+from .early_stopping import EarlyStopping, split_validation
 from .evaluate import evaluate
 from .generate import exact_match
 from .inject import disabled
@@ -76,6 +78,13 @@ class TrainConfig:
             (the paper suggests about 16); 1.0 is plain LoRA.
         dpo_beta: DPO's beta, for preference data (pairs from :func:`lora.dpo.load_preferences`): how far the
             policy may move from the reference, which is the same model with its adapters off.
+        validation_split: Training examples held out (seeded) to measure a validation loss during training: a
+            fraction below 1 (0.05), or a count (40); 0 for none. Never taken from the eval data.
+        validate_every: Compute the validation loss every N steps (and after the last).
+        early_stopping_patience: Stop once this many validation losses in a row failed to beat the best by more
+            than ``early_stopping_min_delta``, and keep the weights of the best one (0: never stop early; with a
+            validation split, the best weights are still the ones kept).
+        early_stopping_min_delta: The improvement of the validation loss that counts as one.
     """
 
     learning_rate: float = 1e-3
@@ -104,6 +113,10 @@ class TrainConfig:
     loss_chunk: int = 1024
     loraplus_lr_ratio: float = 1.0
     dpo_beta: float = 0.1
+    validation_split: float = 0.0
+    validate_every: int = 0
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
 
     def __post_init__(self) -> None:
         def check(ok: bool, field: str, allowed: str) -> None:
@@ -125,7 +138,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "seq_len", "log_every", "keep_checkpoints", "loss_chunk"):
             value = getattr(self, name)
             check(type(value) is int and value >= 1, name, "an integer >= 1")
-        for name in ("eval_every", "save_every"):
+        for name in ("eval_every", "save_every", "validate_every", "early_stopping_patience"):
             value = getattr(self, name)
             check(type(value) is int and value >= 0, name, "an integer >= 0")
         number("epochs", "> 0", lambda v: v > 0)
@@ -137,6 +150,15 @@ class TrainConfig:
         number("max_grad_norm", "> 0", lambda v: v > 0, optional=True)
         number("loraplus_lr_ratio", "> 0", lambda v: v > 0)
         number("dpo_beta", "> 0", lambda v: v > 0)
+        number("validation_split", ">= 0, a fraction below 1 or a whole count",
+               lambda v: v >= 0 and (v < 1 or float(v).is_integer()))
+        number("early_stopping_min_delta", ">= 0", lambda v: v >= 0)
+        if self.validation_split and not self.validate_every:
+            raise ValueError(f"TrainConfig.validation_split={self.validation_split} needs validate_every >= 1 (how "
+                             f"often to compute the validation loss), got 0")
+        if self.early_stopping_patience and not (self.validation_split and self.validate_every):
+            raise ValueError(f"TrainConfig.early_stopping_patience={self.early_stopping_patience} needs a validation "
+                             f"loss: set validation_split (e.g. 0.05) and validate_every (e.g. 2)")
         check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
         check(self.overlong in ("truncate", "drop"), "overlong", "'truncate' or 'drop'")
         check(self.logger in LOGGERS, "logger", f"one of {LOGGERS}")
@@ -164,6 +186,9 @@ class TrainResult:
     interrupted: bool = False
     checkpoint: str | None = None
     eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # all of the final evaluate()
+    best_step: int | None = None  # with a validation split: the step whose weights were kept
+    validation_loss: float | None = None  # ... and its validation loss
+    stopped_early: bool = False
 
 
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
@@ -409,9 +434,10 @@ def packing_gap(objective: "BatchLoss", examples: list[dict], seq_len: int, pad_
     model.eval()
     try:
         losses = []
-        for batch in (collate(pack(chosen, used, pad_id), pad_id), collate(chosen, pad_id)):
+        for batch, packed in ((collate(pack(chosen, used, pad_id), pad_id), True), (collate(chosen, pad_id), False)):
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = objective._run_model(batch)
+            with packed_rows(packed):  # as training runs packed rows: per-example attention where the model has it
+                out = objective._run_model(batch)
             logits = (out if isinstance(out, torch.Tensor) else out.logits).float()
             targets = batch["targets"]
             keep = targets != IGNORE
@@ -515,6 +541,11 @@ class Trainer:
         self.deepspeed = self.accelerator.distributed_type == "DEEPSPEED"
         if self.deepspeed:
             _configure_deepspeed(self.accelerator, config)
+        self.validation_data: list[dict] = []
+        if config.validation_split:
+            train_data, self.validation_data = split_validation(train_data, config.validation_split, config.seed)
+        self.early_stopping = EarlyStopping(config.early_stopping_patience or math.inf,
+                                            config.early_stopping_min_delta) if config.validation_split else None
         _upcast_trainable(model, mixed_precision, config.precision)
         if config.gradient_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
@@ -541,8 +572,10 @@ class Trainer:
                              f"accelerate config (distributed_type, the backend) or launch one process")
         if self.task != "classification":
             self._check_shortcut(train_data)
-        packing = config.packing and self.task == "lm" and self._packing_is_exact(model, train_data)
-        self.rows = pack(train_data, config.seq_len, self.pad_id) if packing else train_data
+        if config.packing and self.task == "lm":
+            use_packed_attention(model)  # before the probe, which then checks it too
+        self.packing = config.packing and self.task == "lm" and self._packing_is_exact(model, train_data)
+        self.rows = pack(train_data, config.seq_len, self.pad_id) if self.packing else train_data
         self.rows_per_step = config.batch_size * config.grad_accum * self.world
         self.steps_per_epoch = max(1, len(self.rows) // self.rows_per_step)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
@@ -550,6 +583,12 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self._rng_at_step: dict | None = None  # RNG state at the last step boundary, for exact resume
+        if self.early_stopping is not None and (is_sharded(model) or self._zero3()):
+            raise ValueError("validation_split (early stopping) keeps a copy of the best trainable weights, which "
+                             "FSDP and DeepSpeed ZeRO-3 hold as shards; use DDP or ZeRO-2, or set validation_split=0")
+
+    def _zero3(self) -> bool:
+        return self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3
 
     # -- what this model allows, decided once ---------------------------------------------------------------------
     def _agreed(self, ok: bool) -> bool:
@@ -631,10 +670,22 @@ class Trainer:
                                                 self.exact_match_max_new_tokens)[0]
         data = self.eval_data if data is None else data
         if data:
-            size = self.cfg.batch_size
-            batches = (self._batch(data[i:i + size]) for i in range(0, len(data), size))
-            result.update(evaluate(self.objective, batches, self.accelerator.autocast))
+            result.update(self._losses(data))
         return result
+
+    def _losses(self, data: list[dict]) -> dict[str, float]:
+        """:func:`lora.evaluate.evaluate`'s metrics over ``data``, in packed rows when training packs (the same
+        per-token mean, with less padding and attention work)."""
+        packed = self.packing and all(len(e["input_ids"]) <= self.cfg.seq_len for e in data)
+        rows = pack(data, self.cfg.seq_len, self.pad_id) if packed else data
+        size = self.cfg.batch_size
+        with packed_rows(packed):
+            return evaluate(self.objective, (self._batch(rows[i:i + size]) for i in range(0, len(rows), size)),
+                            self.accelerator.autocast)
+
+    def validation_loss(self) -> float:
+        """Mean loss per target token on the validation slice."""
+        return self._losses(self.validation_data)["eval_loss"]
 
     # -- data order ---------------------------------------------------------------------------------------------------
     def _step_rows(self, step: int) -> list[list[dict]]:
@@ -690,7 +741,7 @@ class Trainer:
         start_time, tokens_seen, interrupted, last_loss = time.perf_counter(), 0, False, None
         self._rng_at_step = rng_state()
         with _CtrlC() as ctrl_c, bar:
-            while self.step < self.total_steps:
+            while self.step < self.total_steps and not self._stopped_early():
                 # The learning rate is set before the window: under DeepSpeed the engine steps inside the last
                 # micro-batch's backward.
                 factor = lr_factor(self.step, self.total_steps, cfg)
@@ -711,6 +762,14 @@ class Trainer:
                            "tokens_per_second": tokens_seen / max(elapsed, 1e-9)}
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                     metrics.update(self.evaluate())
+                if self.early_stopping is not None and (self.step % cfg.validate_every == 0
+                                                        or self.step == self.total_steps):
+                    metrics["validation_loss"] = self.validation_loss()
+                    if self.early_stopping.update(self.step, metrics["validation_loss"], self.model):
+                        acc.print(f"early stop at step {self.step}: the validation loss has not improved by more "
+                                  f"than {cfg.early_stopping_min_delta} in {cfg.early_stopping_patience} "
+                                  f"evaluations; best {self.early_stopping.best_loss:.4f} at step "
+                                  f"{self.early_stopping.best_step}")
                 self.history.append({"step": self.step, **metrics})
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{metrics['lr']:.2e}",
@@ -731,6 +790,10 @@ class Trainer:
                     interrupted = True
                     break
         train_seconds = time.perf_counter() - start_time
+        if self.early_stopping is not None and not interrupted and self.early_stopping.best_step != self.step \
+                and self.early_stopping.restore_best(self.model):
+            acc.print(f"kept the weights of step {self.early_stopping.best_step} (validation loss "
+                      f"{self.early_stopping.best_loss:.4f})")
         checkpoint = self.save_checkpoint()
         final = {} if interrupted else self.evaluate()
         if cfg.logger == "tensorboard":
@@ -744,7 +807,10 @@ class Trainer:
                            tokens_per_second=tokens_seen / max(train_seconds, 1e-9),
                            peak_memory_bytes=_peak_memory_bytes(acc.device), train_seconds=train_seconds,
                            interrupted=interrupted, checkpoint=str(checkpoint) if checkpoint else None,
-                           eval_metrics=final)
+                           eval_metrics=final, stopped_early=self._stopped_early(),
+                           **({} if self.early_stopping is None else {
+                               "best_step": self.early_stopping.best_step,
+                               "validation_loss": self.early_stopping.state()["best_loss"]}))
 
     def _backward_window(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int, int]:
         """Accumulate the gradients of one optimizer step; returns (summed loss, loss terms, real tokens), global.
@@ -772,7 +838,8 @@ class Trainer:
             # sync_gradients: accelerate's DeepSpeed backward steps the engine only when it is True (issue 11)
             acc.sync_gradients = last
             try:
-                with contextlib.nullcontext() if last else acc.no_sync(self.loss_module):
+                with (contextlib.nullcontext() if last else acc.no_sync(self.loss_module),
+                      packed_rows(self.packing and "attention_mask" not in batch)):
                     with acc.autocast():
                         loss_sum = self.loss_module(batch)
                     if not padding:
@@ -788,6 +855,9 @@ class Trainer:
             finally:
                 acc.sync_gradients = True
         return window_loss, window_terms, tokens
+
+    def _stopped_early(self) -> bool:
+        return self.early_stopping is not None and self.early_stopping.stopped
 
     def _on_any_process(self, flag: bool) -> bool:
         """``flag`` OR-ed over all processes, so that a decision to stop is the same everywhere."""
@@ -845,9 +915,12 @@ class Trainer:
         optimizer = None if self.deepspeed or is_sharded(self.model) else self.optimizer
         with whole_parameters(self.loss_module):  # FSDP: every process gathers, the main one writes whole tensors
             if acc.is_main_process:
+                early = self.early_stopping
                 self.checkpoints.save(self.step, self.model, optimizer, self.adapter, rng, rng_tensors, {
                     "total_steps": self.total_steps, "shape": dataclasses.asdict(self._shape()),
-                    "history": self.history, "config": dataclasses.asdict(self.cfg)})
+                    "history": self.history, "config": dataclasses.asdict(self.cfg),
+                    **({} if early is None else {"early_stopping": early.state()})},
+                    best_weights=None if early is None else early.best_weights)
         acc.wait_for_everyone()  # every process returns once the checkpoint is complete
         return final
 
@@ -855,6 +928,12 @@ class Trainer:
         """Load the trainable weights, optimizer, RNG states and position saved in checkpoint ``latest``."""
         state = Checkpoints.load(latest, self.model, self.optimizer, self._shape(), self.accelerator.process_index)
         self.step, self.history = state["step"], state["history"]
+        if self.early_stopping is not None:
+            if "early_stopping" not in state:
+                raise ValueError(f"checkpoint {latest} was written without a validation split, and this run has "
+                                 f"validation_split={self.cfg.validation_split}; resume with the same settings, or "
+                                 f"set resume=False")
+            self.early_stopping.load(state["early_stopping"], state["best_weights"])
 
     def plot_loss_curve(self, path: Path) -> None:
         import matplotlib

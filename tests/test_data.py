@@ -287,3 +287,18 @@ def test_packed_examples_do_not_see_each_other(char_tokenizer):
     torch.testing.assert_close(first[0, 4:7], alone[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="does not fit a packed row of 3"):
         pack([a], 3, 0)
+
+
+def test_packing_fills_rows_best_fit_and_keeps_every_example_whole_once():
+    lengths = [6, 5, 4, 5]  # in file order these fill 3 rows of 10 ([6], [5, 4], [5]); 6+4 and 5+5 fill 2
+    examples = [{"input_ids": [100 * (i + 1) + j for j in range(n)], "targets": [IGNORE] * (n - 1) + [7]}
+                for i, n in enumerate(lengths)]
+    rows = pack(examples, seq_len=10, pad_id=0)
+    assert len(rows) == 2 and all(r["real_tokens"] == 10 for r in rows)
+    found = []
+    for row in rows:
+        ids, positions = row["input_ids"].tolist(), row["position_ids"].tolist()
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+        found += [ids[s:e] for s, e in zip(starts, starts[1:])]
+    assert sorted(found) == sorted(e["input_ids"] for e in examples)  # each example once, whole, positions from 0
+    assert [r["input_ids"][0].item() for r in rows] == [100, 200]  # inside a row, file order

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -139,10 +141,13 @@ def generate(model: nn.Module, tokenizer, prompt: str | Conversation | list[str 
     past = None
     step_ids, step_pos = ids, (mask.cumsum(-1) - 1).clamp_min(0)
     hf = _is_hf(model)
+    # Only the last position's logits are needed: without this the prompt pass computes (B, T, vocab) of them
+    last_only = {"logits_to_keep": 1} if hf and "logits_to_keep" in inspect.signature(model.forward).parameters \
+        else {}
     for _ in range(max_new_tokens):
         if hf:
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                        use_cache=True)
+                        use_cache=True, **last_only)
             past, logits = out.past_key_values, out.logits[:, -1]
         else:
             out = model(ids)

@@ -6,11 +6,16 @@ Checks, on SmolLM2-135M with LoRA on the bundled extraction task:
 1. precision="auto" picks bf16 (or fp16 + grad scaler on GPUs without bf16) and keeps LoRA weights in fp32;
 2. 20 steps in auto precision track an fp32 run: final loss within 10% and both well below the start;
 3. a bf16-autocast forward of the merged model matches the unmerged one (greedy answers on 16 prompts);
-and prints tokens/s and peak GPU memory for each precision.
+and prints tokens/s and peak GPU memory for each precision;
+4. the comparison with PEFT + transformers.Trainer in bf16 (``bench/compare.py --device cuda``): SmolLM2 on
+   varied-length stdlib docstrings, then a random ~1B Llama on the same data, with the share of the measured bf16
+   matmul peak (MFU) for each stack.
 """
 
+import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -58,6 +63,9 @@ def main() -> None:
     print(f"merged vs unmerged greedy answers under autocast: {same}/16 identical")
     assert same >= 15
     print("GPU checks passed")
+    compare = Path(__file__).with_name("compare.py")
+    for model in ("smollm2-135m", "llama-1b"):
+        subprocess.run([sys.executable, str(compare), "--device", "cuda", "--model", model], check=True)
 
 
 if __name__ == "__main__":

@@ -284,7 +284,8 @@ class LoRALinear(nn.Module):
             # .to() is a no-op when dtypes agree (fp32 training, or autocast handling the matmuls).
             if name in self.lora_magnitude_vector:
                 lora_out = B(A(x_lora.to(A.weight.dtype)))  # (..., r) -> (..., out)
-                result = result + self._dora_extra(name, x_lora, base_result, lora_out, isinstance(dropout, nn.Identity))
+                no_dropout = isinstance(dropout, nn.Identity)
+                result = result + self._dora_extra(name, x_lora, base_result, lora_out, no_dropout)
             else:
                 # scaled at rank r, not at the output width: the same product with a far smaller multiply
                 result = result + B(A(x_lora.to(A.weight.dtype)) * self.scaling[name]).to(result.dtype)

@@ -436,7 +436,7 @@ def packing_gap(objective: "BatchLoss", examples: list[dict], seq_len: int, pad_
         losses = []
         for batch, packed in ((collate(pack(chosen, used, pad_id), pad_id), True), (collate(chosen, pad_id), False)):
             batch = {k: v.to(device) for k, v in batch.items()}
-            with packed_rows(packed):  # as training runs packed rows: per-example attention where the model has it
+            with packed_rows(packed):  # as training runs them: per-example attention where the model has it
                 out = objective._run_model(batch)
             logits = (out if isinstance(out, torch.Tensor) else out.logits).float()
             targets = batch["targets"]
@@ -765,10 +765,12 @@ class Trainer:
                 if self.early_stopping is not None and (self.step % cfg.validate_every == 0
                                                         or self.step == self.total_steps):
                     metrics["validation_loss"] = self.validation_loss()
-                    if self.early_stopping.update(self.step, metrics["validation_loss"], self.model):
-                        acc.print(f"early stop at step {self.step}: the validation loss has not improved by more "
-                                  f"than {cfg.early_stopping_min_delta} in {cfg.early_stopping_patience} "
-                                  f"evaluations; best {self.early_stopping.best_loss:.4f} at step "
+                    stop = self.early_stopping.update(self.step, metrics["validation_loss"], self.model)
+                    self.early_stopping.stopped = self._on_any_process(stop)  # every process stops, or none
+                    if self.early_stopping.stopped:
+                        acc.print(f"early stop at step {self.step}: the validation loss has not beaten the best by "
+                                  f"more than {cfg.early_stopping_min_delta} for {cfg.early_stopping_patience} "
+                                  f"evaluation(s) in a row; best {self.early_stopping.best_loss:.4f} at step "
                                   f"{self.early_stopping.best_step}")
                 self.history.append({"step": self.step, **metrics})
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:

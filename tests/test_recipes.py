@@ -44,11 +44,11 @@ def test_sft_recipe_learns_the_answer_and_writes_metrics(tmp_path, tiny_model_di
     metrics = sft.main([f"model={tiny_model_dir}", f"train_file={write(tmp_path / 't.jsonl', rows)}",
                         f"eval_file={write(tmp_path / 'e.jsonl', rows[:16])}", f"output_dir={out}",
                         f"adapter_dir={tmp_path / 'adapter'}", "epochs=30", "learning_rate=1e-2", "batch_size=4",
-                        "seq_len=64", ])
+                        "seq_len=64", "validation_split=0", "early_stopping_patience=0"])  # 30 epochs, on purpose
     assert metrics["accuracy_before"] < 0.3 and metrics["accuracy_after"] >= 0.9
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("accuracy_before", "accuracy_after", "train_seconds", "tokens_per_second", "peak_memory_bytes",
-                "adapter"):
+                "adapter", "stopped_early", "best_step"):
         assert key in saved
     assert (Path(saved["adapter"]) / "adapter_model.safetensors").is_file()
     assert (out / "loss_curve.png").is_file()

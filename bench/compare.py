@@ -12,7 +12,8 @@ On a GPU (``--device cuda``) both stacks train in bf16 mixed precision, memory i
 SmolLM2's tokenizer): its loss means nothing, but the work per token is that of a real 1B model.
 
 - PEFT + transformers.Trainer: its usual set-up, padded batches of 8 examples (DataCollatorForSeq2Seq).
-- lora: the sft recipe's settings (packed 512-token rows), with as many examples per optimizer step as PEFT's
+- lora: the sft recipe's settings (packed 512-token rows), the whole epoch (no early stopping, no validation
+  split: both stacks see every example once), with as many examples per optimizer step as PEFT's
   batch of 8: one row per micro-batch, accumulated over ``round(8 x mean example length / 512)`` rows (2 on the
   docstrings, whose examples average ~120 tokens), so both take about the same number of optimizer steps and
   their held-out losses can be compared.
@@ -192,7 +193,8 @@ def run_stack(stack: str, train_file: str, heldout_file: str, out: str, model_na
         rows_per_step = max(1, round(8 * real_tokens / len(examples) / 512))  # ~8 examples, as PEFT's batch
         _, lora_cfg, train_cfg = parse_settings(SFT, [f"r={R}", f"alpha={ALPHA}", f"learning_rate={LR}",
                                                       f"output_dir={out}", "log_every=1000", "batch_size=1",
-                                                      f"grad_accum={rows_per_step}"])
+                                                      f"grad_accum={rows_per_step}", "validation_split=0",
+                                                      "early_stopping_patience=0"])  # the whole epoch, as PEFT
         lora.inject(model, lora_cfg)
         trainer = lora.Trainer(model, train_cfg, examples)
         start = time.perf_counter()  # set-up (probes included) above, as PEFT's is outside its timing

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
 import os
 import random
 import statistics
@@ -161,7 +160,9 @@ def load(model_name: str, device: str):
 
     import lora
 
-    model, tokenizer = lora.load_model(MODEL, device=device)
+    # fp32 weights on every device, as gpu_check.py: both trainers then run bf16 autocast over fp32 parameters
+    # (load_model's GPU default, bf16 weights, would give PEFT bf16 LoRA weights and AdamW states)
+    model, tokenizer = lora.load_model(MODEL, device=device, dtype=torch.float32)
     if model_name == "llama-1b":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -246,12 +247,6 @@ def matmul_peak(device: str) -> float:
     return best
 
 
-def torch_device_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name()
-
-
 # -- the driver ------------------------------------------------------------------------------------------------------
 def child(*args: str) -> dict:
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
@@ -276,6 +271,8 @@ def main() -> None:
         print("RESULT", json.dumps(result))
         return
 
+    import torch
+
     import lora
 
     stacks = args.stacks.split(",")
@@ -295,7 +292,7 @@ def main() -> None:
                   f"{r['peak_rss'] / 1e9:.2f} GB, held-out loss {r['heldout_loss']:.4f}, {r['steps']} steps, "
                   f"{r['mfu']:.0%} of the {peaks[-1] / 1e9:.0f} GFLOP/s matmul peak", flush=True)
 
-    precision = "bf16 on " + torch_device_name() if args.device == "cuda" else f"fp32 on {os.cpu_count()} CPU cores"
+    precision = "bf16 on " + torch.cuda.get_device_name() if args.device == "cuda" else f"fp32 on {os.cpu_count()} CPU cores"
     print(f"\n{args.task}: {args.examples} examples, {args.model}, LoRA r={R} all-linear, {precision}, "
           f"{args.rounds} round(s), matmul peak {min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f} GFLOP/s")
     memory = "CUDA memory" if args.device == "cuda" else "RSS"

@@ -60,8 +60,8 @@ def test_the_validation_slice_is_not_trained_on(tmp_path):
 
 def test_a_run_stopped_and_resumed_stops_where_an_uninterrupted_one_does(tmp_path):
     train = dict(max_steps=20, batch_size=2, learning_rate=5e-3, validation_split=8, validate_every=2,
-                 early_stopping_patience=2, early_stopping_min_delta=100.0, save_every=1, dropout=0.1)
-    dropout = train.pop("dropout")
+                 early_stopping_patience=2, early_stopping_min_delta=100.0, save_every=1)
+    dropout = 0.1
     model, _, examples, cfg = setup(tmp_path / "a", dropout=dropout, **train)
     whole = Trainer(model, cfg, examples).train()
     uninterrupted = lora.adapter_state_dict(model)

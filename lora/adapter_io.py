@@ -135,6 +135,22 @@ def _live_base(model: nn.Module, target_paths) -> tuple[Callable[[str], list[flo
     return sample, layers[sorted(target_paths)[0]].base_layer.weight.dtype
 
 
+def read_on_save(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters under ``module`` that saving its adapters reads: the trainable ones, and the base weights
+    that each adapter's fingerprint samples. A model sharded by DeepSpeed ZeRO-3 gathers just these to save (see
+    :func:`lora.checkpoint.whole_parameters`), not the whole base."""
+    wanted = {id(p): p for p in module.parameters() if p.requires_grad}
+    for model in module.modules():
+        adapters = model.__dict__.get("_lora_adapters")  # what adapters_of reads, without adding it
+        if adapters:
+            layers = dict(lora_layers(model))
+            for info in adapters.values():
+                for path in _fingerprint_paths(info.target_paths):
+                    weight = layers[path].base_layer.weight
+                    wanted[id(weight)] = weight
+    return list(wanted.values())
+
+
 def base_fingerprint(model: nn.Module, target_paths: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """The fingerprint of ``model``'s base weights (merged adapters subtracted) under ``target_paths``."""
     return fingerprint(target_paths, *_live_base(model, target_paths))

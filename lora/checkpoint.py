@@ -24,19 +24,28 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter_io import save_adapter
+from .adapter_io import read_on_save, save_adapter
 from .atomic import atomic_dir
 from .inject import adapters_of
 
 
 @contextlib.contextmanager
 def whole_parameters(module: nn.Module):
-    """Inside, every FSDP2-sharded parameter of ``module`` is whole (a plain tensor on every process).
+    """Inside, what saving an adapter of ``module`` reads is whole on every process, however it is sharded.
 
-    FSDP2 keeps each parameter as a DTensor holding this process's shard; saving those writes empty or partial
-    tensors, a known failure of other stacks. ``unshard()`` all-gathers them into the modules: a collective, so
-    every process must enter together. Outside FSDP this does nothing.
+    FSDP2 keeps each parameter as a DTensor holding this process's shard, and DeepSpeed ZeRO-3 leaves an empty
+    tensor in place of every parameter between forwards; saving those writes empty or partial tensors, a known
+    failure of other stacks. Both are gathered here (FSDP2 unshards whole modules; ZeRO-3 gathers only what saving
+    reads, see :func:`lora.adapter_io.read_on_save`): a collective, so every process must enter together. Outside
+    FSDP2 and ZeRO-3 this does nothing.
     """
+    if any(hasattr(p, "ds_id") for p in module.parameters()):  # ZeRO-3's mark on the parameters it partitions
+        import deepspeed
+
+        partitioned = [p for p in read_on_save(module) if hasattr(p, "ds_id")]
+        with deepspeed.zero.GatheredParameters(partitioned):  # read-only, on every process
+            yield
+        return
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch without FSDP2

@@ -18,7 +18,7 @@ from .dpo import dpo_loss
 @torch.no_grad()
 def evaluate(objective: Any, batches: Iterable[dict[str, torch.Tensor]],
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, float]:
-    """Held-out metrics of ``objective`` (the trainer's :class:`lora.trainer.BatchLoss`) over ``batches``.
+    """Held-out metrics of ``objective`` (the trainer's :class:`lora.objective.BatchLoss`) over ``batches``.
 
     The model runs in eval mode (no dropout) and is put back in the mode it was in.
 
@@ -56,7 +56,7 @@ def evaluate(objective: Any, batches: Iterable[dict[str, torch.Tensor]],
                     margin += float((rewards[:n] - rewards[n:]).sum())
                     count += n
                 else:
-                    total += float(objective(batch))
+                    total += float(objective.summed_loss(batch))
                     count += int((batch["targets"] != IGNORE).sum())
     finally:
         model.train(was_training)

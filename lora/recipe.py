@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import yaml
 
-from .adapter_io import save_adapter
 from .atomic import atomic_file
 from .cli import USER_ERRORS, one_line
 from .config import LoraConfig
@@ -133,12 +132,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def finish(model, adapter_dir: str, output_dir: str, metrics: dict) -> dict:
-    """Save the adapter and write ``metrics.json`` (with the adapter's path) into ``output_dir``.
+def finish(trainer, adapter_dir: str, output_dir: str, metrics: dict) -> dict:
+    """Save the trainer's adapter and write ``metrics.json`` (with the adapter's path) into ``output_dir``.
 
-    A run stopped by Ctrl-C (``metrics["interrupted"]``) is saved all the same, with a note on how to resume it.
+    Every process calls it: under FSDP or ZeRO-3 the adapter is gathered from all of them. The main process writes
+    and returns the metrics; the others return ``{}``. A run stopped by Ctrl-C (``metrics["interrupted"]``) is
+    saved all the same, with a note on how to resume it.
     """
-    adapter = save_adapter(model, adapter_dir)
+    adapter = trainer.save_adapter(adapter_dir)
+    if not trainer.accelerator.is_main_process:  # under `accelerate launch`, one process writes the outputs
+        return {}
     metrics = {**metrics, "adapter": str(adapter)}
     write_json_atomically(Path(output_dir) / "metrics.json", metrics)
     print(f"adapter saved to {adapter}; metrics in {output_dir}/metrics.json")

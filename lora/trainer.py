@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import math
 import os
 import resource
@@ -24,18 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .adapter_io import save_adapter
 from .attention import packed_rows, use_packed_attention
 from .checkpoint import Checkpoints, RunShape, gather_rng, is_sharded, rng_state, whole_parameters
-from .data import IGNORE, collate, model_inputs, pack
-from .dpo import dpo_loss
+from .data import IGNORE, collate, pack
 from .early_stopping import EarlyStopping, split_validation
 from .evaluate import evaluate
 from .generate import exact_match
-from .inject import disabled
 from .layers import is_linear_like
+from .objective import BatchLoss, packing_gap
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 HALF = (torch.float16, torch.bfloat16)
@@ -245,16 +243,6 @@ def _check_output_dir(path: Path) -> None:
             return
 
 
-def _forward_takes(model: nn.Module) -> set[str]:
-    """Which batch inputs ``model.forward`` takes by name: a Hugging Face forward takes them all, a hand-written
-    ``forward(idx)`` none (a ``**kwargs`` forward is taken at its word)."""
-    inputs = {"input_ids", "attention_mask", "position_ids", "use_cache"}
-    params = inspect.signature(model.forward).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return inputs
-    return {p.name for p in params} & inputs
-
-
 def _upcast_trainable(model: nn.Module, mixed_precision: str, precision: str) -> None:
     """Keep every trainable parameter in fp32, whatever the model's dtype; autocast still runs the matmuls in half.
 
@@ -280,175 +268,6 @@ def _upcast_trainable(model: nn.Module, mixed_precision: str, precision: str) ->
         if id(p) in upcast:
             p.data = p.data.float()  # in place: the module, tied weights and the optimizer keep the same Parameter
 
-
-def _head_and_decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """The decoder (returns hidden states) and output head of a Hugging Face causal LM, or None for a model that
-    has no such split. Whether ``head(decoder(x))`` really gives the model's logits is checked by
-    :meth:`BatchLoss.check_shortcut` before training uses it."""
-    prefix = getattr(model, "base_model_prefix", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    decoder = getattr(model, prefix, None) if prefix else None
-    if getattr(model, "config", None) is None or head is None or decoder is None or decoder is model:
-        return None
-    return decoder, head
-
-
-def _max_relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| relative to b's largest magnitude (0 for equal tensors)."""
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
-
-
-class BatchLoss(nn.Module):
-    """The summed loss of a batch: what the trainer differentiates.
-
-    It is this module, not the bare model, that accelerate wraps for DDP/FSDP, so the whole differentiated forward
-    (including the hidden-states-then-head shortcut) runs inside the wrapper and gradients are synchronised.
-
-    ``task`` is ``"lm"`` (token cross-entropy), ``"classification"`` (one label per example) or ``"preference"``
-    (DPO over pairs: a batch holds the chosen completions, then the rejected ones, row for row).
-    """
-
-    def __init__(self, model: nn.Module, task: str, loss_chunk: int, dpo_beta: float = 0.1):
-        super().__init__()
-        self.model = model
-        self.task = task
-        self.loss_chunk = loss_chunk
-        self.dpo_beta = dpo_beta
-        self.candidate = None if task == "classification" else _head_and_decoder(model)
-        self.parts: tuple[nn.Module, nn.Module] | None = None  # the shortcut, once check_shortcut has proved it
-        self.takes = _forward_takes(model)
-
-    @torch.no_grad()
-    def check_shortcut(self, batch: dict[str, torch.Tensor]) -> tuple[bool, float]:
-        """Whether ``head(decoder(x))`` gives the model's own logits on ``batch``; ``(exact, max relative gap)``.
-
-        The shortcut computes logits only where a label is, a chunk at a time (far less memory than the full
-        ``(B, T, vocab)`` logits), but it skips whatever a model's forward does after its head: soft-capping
-        (Gemma 2), dividing by ``logits_scaling`` (Granite), multiplying by ``lm_head_multiplier`` (Falcon-H1), and
-        whatever future models add. Comparing the two on one batch, instead of keeping a list of attribute names,
-        catches all of them. Both sides run the head on the same ``(B, T, H)`` tensor, so for a model that adds
-        nothing they agree to rounding; any gap above that turns the shortcut off (the safe side).
-        """
-        if self.candidate is None or "input_ids" not in self.takes:
-            return False, float("nan")
-        decoder, head = self.candidate
-        # a few positions suffice, and keep the full (B, T, vocab) logits the shortcut exists to avoid small
-        batch = {k: v[:, :32] if v.dim() == 2 else v for k, v in batch.items()}
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = self._run_model(batch)
-            full = out if isinstance(out, torch.Tensor) else out.logits
-            inputs = {k: v for k, v in model_inputs(batch).items() if k in self.takes}
-            short = head(decoder(**inputs).last_hidden_state)
-        finally:
-            self.model.train(was_training)
-        gap = _max_relative_gap(short, full) if short.shape == full.shape else float("inf")
-        return gap <= 1e-5, gap
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.task == "classification":
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-        if self.task == "preference":
-            policy, reference = self.pair_logps(batch)
-            n = len(policy) // 2
-            return dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.dpo_beta) * n  # summed
-        targets = batch["targets"]
-        if self.parts is None:
-            out = self._run_model(batch)
-            logits = out if isinstance(out, torch.Tensor) else out.logits
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                                   reduction="sum")
-        decoder, head = self.parts
-        hidden = decoder(**model_inputs(batch)).last_hidden_state  # (B, T, H)
-        keep = targets != IGNORE
-        hidden, wanted = hidden[keep], targets[keep]  # (N, H), (N,): only positions that carry a label
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, len(wanted), self.loss_chunk):
-            # (chunk, vocab) logits exist one chunk at a time, never (B, T, vocab) in float32
-            logits = head(hidden[start:start + self.loss_chunk]).float()
-            total = total + F.cross_entropy(logits, wanted[start:start + self.loss_chunk], reduction="sum")
-        return total
-
-    def pair_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's summed target log-probability under the policy and, without gradients, under the reference:
-        the same model with its adapters switched off (never a second copy of the weights)."""
-        policy = self.target_logps(batch)
-        with torch.no_grad(), disabled(self.model):
-            reference = self.target_logps(batch)
-        return policy, reference
-
-    def target_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(rows,)``: the summed log-probability of each row's target tokens."""
-        targets = batch["targets"]
-        keep = targets != IGNORE
-        row_of = keep.nonzero()[:, 0]  # (N,) the row of every position that carries a label
-        wanted = targets[keep]
-        if self.parts is None:
-            out = self._run_model(batch)
-            hidden, head = (out if isinstance(out, torch.Tensor) else out.logits)[keep], None  # (N, vocab)
-        else:
-            decoder, head = self.parts
-            hidden = decoder(**model_inputs(batch)).last_hidden_state[keep]  # (N, H)
-        pieces = []
-        for start in range(0, len(wanted), self.loss_chunk):
-            chunk = hidden[start:start + self.loss_chunk]
-            logits = (chunk if head is None else head(chunk)).float()
-            pieces.append(-F.cross_entropy(logits, wanted[start:start + self.loss_chunk], reduction="none"))
-        token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-        return token_logps.new_zeros(len(targets)).index_add(0, row_of, token_logps)
-
-    def _run_model(self, batch: dict[str, torch.Tensor]) -> Any:
-        """The model's output on a batch, called the way its forward asks (issue 9: hand-written GPTs)."""
-        inputs = model_inputs(batch)
-        if "input_ids" in self.takes:  # a Hugging Face forward: everything by name
-            return self.model(**{k: v for k, v in inputs.items() if k in self.takes})
-        # A hand-written forward(idx): the ids positionally, and no mask. Rows are right-padded, so in a causal
-        # model every real token comes before the pads, and pads carry no loss.
-        return self.model(inputs["input_ids"], **({"position_ids": inputs["position_ids"]}
-                                                  if "position_ids" in self.takes else {}))
-
-
-@torch.no_grad()
-def packing_gap(objective: "BatchLoss", examples: list[dict], seq_len: int, pad_id: int) -> float | None:
-    """How far a packed row's per-token losses stray from the same examples' losses in a padded batch.
-
-    Packing keeps examples apart only through ``position_ids`` that restart at 0, which a model must turn into
-    block-diagonal attention; some do not (they ignore the positions for the mask, or use none, like ALiBi). The
-    probe packs the shortest examples that fit one row (at most 4) and compares the losses of the target tokens
-    after the first example (the first sees nothing else either way); returns their mean absolute gap relative to
-    their mean loss, or None when no two examples fit one row (then packing puts one example per row anyway).
-    """
-    chosen, used = [], 0
-    for ex in sorted(examples, key=lambda e: len(e["input_ids"]))[:4]:
-        if used + len(ex["input_ids"]) > seq_len:
-            break
-        chosen.append(ex)
-        used += len(ex["input_ids"])
-    if len(chosen) < 2:
-        return None
-    model = objective.model
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        losses = []
-        for batch, packed in ((collate(pack(chosen, used, pad_id), pad_id), True), (collate(chosen, pad_id), False)):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with packed_rows(packed):  # as training runs them: per-example attention where the model has it
-                out = objective._run_model(batch)
-            logits = (out if isinstance(out, torch.Tensor) else out.logits).float()
-            targets = batch["targets"]
-            keep = targets != IGNORE
-            losses.append(F.cross_entropy(logits[keep], targets[keep], reduction="none"))
-    finally:
-        model.train(was_training)
-    first = int((torch.as_tensor(chosen[0]["targets"]) != IGNORE).sum())  # row-major order: example 0 comes first
-    packed, padded = losses[0][first:], losses[1][first:]
-    if not len(padded):
-        return None
-    return float((packed - padded).abs().mean() / padded.abs().mean().clamp_min(1e-12))
 
 
 class _CtrlC:
@@ -597,10 +416,9 @@ class Trainer:
 
     def _check_shortcut(self, train_data: list[dict]) -> None:
         """Compute the loss through ``head(hidden states)`` only where that equals the model's own logits."""
-        # the probes call the model's parts directly, not through accelerate's wrapper: under FSDP2 its parameters
-        # must be gathered first (a collective: every process runs the probe)
-        with self.accelerator.autocast(), whole_parameters(self.loss_module):
-            exact, gap = self.objective.check_shortcut(self._batch(train_data[:2]))
+        batch = self._batch(train_data[:2])
+        with self.accelerator.autocast():
+            exact, gap = self.run_whole(lambda: self.objective.check_shortcut(batch))
         if self._agreed(exact):
             self.objective.parts = self.objective.candidate
         elif self.objective.candidate is not None and not math.isnan(gap):
@@ -616,8 +434,8 @@ class Trainer:
             self.accelerator.print(f"packing off: {type(model).__name__}.forward takes no position_ids, so packed "
                                    f"examples would attend to each other; training on padded rows")
             return False
-        with self.accelerator.autocast(), whole_parameters(self.loss_module):
-            gap = packing_gap(self.objective, train_data, self.cfg.seq_len, self.pad_id)
+        with self.accelerator.autocast():
+            gap = self.run_whole(lambda: packing_gap(self.objective, train_data, self.cfg.seq_len, self.pad_id))
         # Kept apart, fp32 agrees to ~1e-7 (the families in tests/test_families.py); half precision rounds each
         # token's loss by ~1e-2 of it, which averages to less. Examples that see each other are ~1e-1 off.
         tolerance = 1e-3 if self.accelerator.mixed_precision == "no" else 2e-2
@@ -666,12 +484,21 @@ class Trainer:
         result = {}
         if self.exact_match_data is not None:
             prompts, answers = self.exact_match_data
-            result["exact_match"] = exact_match(self.model, self.tokenizer, prompts, answers,
-                                                self.exact_match_max_new_tokens)[0]
+            result["exact_match"] = self.run_whole(lambda: exact_match(
+                self.model, self.tokenizer, prompts, answers, self.exact_match_max_new_tokens))[0]
         data = self.eval_data if data is None else data
         if data:
             result.update(self._losses(data))
         return result
+
+    @torch.no_grad()
+    def run_whole(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` (evaluation, generation, a probe) run inside the wrapped objective's forward, where FSDP2 and
+        DeepSpeed ZeRO-3 gather the parameters they shard; outside them it is just ``fn()``.
+
+        A collective under FSDP/ZeRO-3: every process calls it, and runs the same forwards inside.
+        """
+        return self.loss_module(inside=fn)
 
     def _losses(self, data: list[dict]) -> dict[str, float]:
         """:func:`lora.evaluate.evaluate`'s metrics over ``data``, in packed rows when training packs (the same
@@ -680,8 +507,9 @@ class Trainer:
         rows = pack(data, self.cfg.seq_len, self.pad_id) if packed else data
         size = self.cfg.batch_size
         with packed_rows(packed):
-            return evaluate(self.objective, (self._batch(rows[i:i + size]) for i in range(0, len(rows), size)),
-                            self.accelerator.autocast)
+            return self.run_whole(lambda: evaluate(
+                self.objective, (self._batch(rows[i:i + size]) for i in range(0, len(rows), size)),
+                self.accelerator.autocast))
 
     def validation_loss(self) -> float:
         """Mean loss per target token on the validation slice."""
@@ -925,6 +753,17 @@ class Trainer:
                     best_weights=None if early is None else early.best_weights)
         acc.wait_for_everyone()  # every process returns once the checkpoint is complete
         return final
+
+    def save_adapter(self, path: str | os.PathLike) -> Path:
+        """Save the adapter as a PEFT folder at ``path``, whole even when FSDP or ZeRO-3 shard it.
+
+        Every process calls it (the shards are gathered from all of them); the main process writes. Returns the
+        folder on every process.
+        """
+        with whole_parameters(self.loss_module):
+            folder = save_adapter(self.model, path, self.adapter) if self.accelerator.is_main_process else None
+        self.accelerator.wait_for_everyone()
+        return self._main_process_value(folder)
 
     def _resume(self, latest: Path) -> None:
         """Load the trainable weights, optimizer, RNG states and position saved in checkpoint ``latest``."""

@@ -52,9 +52,7 @@ def main(argv: list[str]) -> dict:
     if accuracy_after is not None:
         print(f"held-out accuracy: before {accuracy_before:.1%}, after {accuracy_after:.1%} "
               f"(majority-class baseline {majority:.1%})")
-    if not trainer.accelerator.is_main_process:  # under `accelerate launch`, one process writes the outputs
-        return {}
-    return finish(model, settings.adapter_dir, train_cfg.output_dir, {  # the adapter includes the score head
+    return finish(trainer, settings.adapter_dir, train_cfg.output_dir, {  # the adapter includes the score head
         "accuracy_before": accuracy_before, "accuracy_after": accuracy_after, "majority_baseline": majority,
         "labels": stats.labels, "eval_loss": result.eval_loss, "steps": result.steps,
         "train_seconds": result.train_seconds, "tokens_per_second": result.tokens_per_second,

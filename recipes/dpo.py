@@ -46,9 +46,7 @@ def main(argv: list[str]) -> dict:
     if after:
         print(f"held-out preference accuracy: before {before['preference_accuracy']:.1%}, after "
               f"{after['preference_accuracy']:.1%} (reward margin {after['reward_margin']:.3f})")
-    if not trainer.accelerator.is_main_process:  # under `accelerate launch`, one process writes the outputs
-        return {}
-    return finish(model, settings.adapter_dir, train_cfg.output_dir, {
+    return finish(trainer, settings.adapter_dir, train_cfg.output_dir, {
         "preference_accuracy_before": before["preference_accuracy"],
         "preference_accuracy_after": after.get("preference_accuracy"),
         "reward_margin_after": after.get("reward_margin"),

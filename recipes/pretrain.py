@@ -43,9 +43,7 @@ def main(argv: list[str]) -> dict:
     result = trainer.train()  # after Ctrl-C: interrupted, and no final evaluation (perplexity None)
     if not result.interrupted:
         print(f"held-out perplexity: before {perplexity_before:.2f}, after {result.perplexity:.2f}")
-    if not trainer.accelerator.is_main_process:  # under `accelerate launch`, one process writes the outputs
-        return {}
-    return finish(model, settings.adapter_dir, train_cfg.output_dir, {
+    return finish(trainer, settings.adapter_dir, train_cfg.output_dir, {
         "perplexity_before": perplexity_before, "perplexity_after": result.perplexity,
         "eval_loss": result.eval_loss, "steps": result.steps, "train_seconds": result.train_seconds,
         "tokens_per_second": result.tokens_per_second, "peak_memory_bytes": result.peak_memory_bytes,

@@ -62,18 +62,19 @@ def main(argv: list[str]) -> dict:
     accuracy_after = result.exact_match  # None after Ctrl-C: an interrupted run skips the final evaluation
     if not result.interrupted:
         print(f"held-out exact match after training: {accuracy_after:.1%}")
-        _, shown = exact_match(model, tokenizer, prompts[:3], answers[:3], settings.eval_max_new_tokens)
+        _, shown = trainer.run_whole(lambda: exact_match(model, tokenizer, prompts[:3], answers[:3],
+                                                         settings.eval_max_new_tokens))
         for prompt, answer, got in zip(prompts, answers, shown):
             print(f"  {prompt[-1]['content'].splitlines()[-1][:70]!r} -> {got!r} (expected {answer!r})")
-    if not trainer.accelerator.is_main_process:  # under `accelerate launch`, one process writes the outputs
-        return {}
-    metrics = finish(model, settings.adapter_dir, train_cfg.output_dir, {
+    metrics = finish(trainer, settings.adapter_dir, train_cfg.output_dir, {
         "accuracy_before": accuracy_before, "accuracy_after": accuracy_after, "eval_loss": result.eval_loss,
         "perplexity": result.perplexity, "train_loss": result.train_loss, "steps": result.steps,
         "train_seconds": result.train_seconds, "tokens_per_second": result.tokens_per_second,
         "peak_memory_bytes": result.peak_memory_bytes, "interrupted": result.interrupted, "model": settings.model,
         "stopped_early": result.stopped_early, "best_step": result.best_step,
         "validation_loss": result.validation_loss})
+    if not metrics:  # not the main process
+        return metrics
     print(f"try it:     lora generate --model {settings.model} --adapter {metrics['adapter']} --prompt '...' "
           f"--temperature 0\nexport it:  lora export gguf --model {settings.model} --adapter {metrics['adapter']} "
           f"--out exports/model.gguf   (or: lora merge ... --out exports/merged)")

@@ -106,7 +106,7 @@ def test_packing_gives_the_loss_of_padded_rows_or_is_turned_off(family, tokenize
 
 
 def test_the_loss_shortcut_is_used_only_where_it_equals_the_model_logits(tokenizer, examples):
-    from lora.trainer import BatchLoss
+    from lora.objective import BatchLoss
 
     batch = collate(examples[:2], tokenizer.pad_token_id)
     decided = {}

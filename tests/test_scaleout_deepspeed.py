@@ -1,12 +1,16 @@
-"""DeepSpeed accumulates right (issue 11): accelerate's DeepSpeed backward steps the engine whenever
-``sync_gradients`` is True, and the trainer used to leave it True on every micro-batch, so ZeRO stepped the
-optimizer grad_accum times per window.
+"""DeepSpeed accumulates right and saves whole adapters (issue 11).
+
+accelerate's DeepSpeed backward steps the engine whenever ``sync_gradients`` is True, and the trainer used to leave
+it True on every micro-batch, so ZeRO stepped the optimizer grad_accum times per window. ZeRO-3 leaves an empty
+tensor in place of every parameter between forwards, so an adapter saved from the model as it stands is empty.
 
 Runs on CPU: DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) over gloo, two processes under torchrun. accelerate
 picks no process-group backend for DeepSpeed on a machine without GPUs, so the worker names gloo itself.
 """
 
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -21,50 +25,70 @@ from lora.trainer import Trainer, _configure_deepspeed
 from test_trainer import setup
 
 TESTS = Path(__file__).parent
-TRAIN = dict(packing=False, grad_accum=2, max_steps=3, learning_rate=5e-3)
+TRAIN = dict(packing=False, grad_accum=2, max_steps=3, learning_rate=5e-3, save_every=2)
+KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
 WORKER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
+    import deepspeed.ops
+    # Else DeepSpeed compiles its shared-memory all-reduce for CPU first (about 40 s on a fresh machine); gloo's
+    # all-reduce does the same job.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     from pathlib import Path
     from accelerate import PartialState
     PartialState(backend="gloo")  # accelerate finds no backend for DeepSpeed without GPUs
-    from safetensors.torch import save_file
+    import torch.distributed as dist
     import lora
     from lora.trainer import Trainer
     from test_trainer import setup
 
     model, _, examples, cfg = setup(Path({tmp!r}), batch_size=2, **{train!r})
-    trainer = Trainer(model, cfg, examples)
+    trainer = Trainer(model, cfg, examples, eval_data=examples[:6])
     assert trainer.deepspeed and trainer.world == 2, (trainer.deepspeed, trainer.world)
     ds = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
-    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_accumulation_steps"] == 2, ds
-    trainer.train()
-    if trainer.accelerator.is_main_process:
-        save_file({{k: v.contiguous() for k, v in lora.adapter_state_dict(model).items()}}, {out!r})
+    assert ds["zero_optimization"]["stage"] == {stage} and ds["gradient_accumulation_steps"] == 2, ds
+    held = lora.adapter_state_dict(model)[{key!r}]  # what saving the model as it stands would write
+    print(f"RANK {{dist.get_rank()}} holds {{tuple(held.shape)}}", flush=True)
+    result = trainer.train()
+    print(f"RANK {{dist.get_rank()}} eval_loss {{result.eval_loss!r}}", flush=True)
+    trainer.save_adapter({out!r})
 """)
 
 
-def test_zero2_on_two_processes_with_accumulation_matches_one_process(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_on_two_processes_with_accumulation_trains_evaluates_and_saves_as_one_process(tmp_path, stage):
     model, _, examples, cfg = setup(tmp_path / "single", batch_size=4, **TRAIN)
-    Trainer(model, cfg, examples).train()
-    single = lora.adapter_state_dict(model)
+    single = Trainer(model, cfg, examples, eval_data=examples[:6]).train()
+    expected = lora.adapter_state_dict(model)
 
-    script, out = tmp_path / "ds.py", tmp_path / "ds.safetensors"
-    script.write_text(WORKER.format(tests=str(TESTS), tmp=str(tmp_path / "ds"), train=TRAIN, out=str(out)))
+    # ZeRO-3 keeps parameters under stage3_param_persistence_threshold whole; 0 partitions even this tiny model's
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}))
+    script, out = tmp_path / "ds.py", tmp_path / "adapter"
+    script.write_text(WORKER.format(tests=str(TESTS), tmp=str(tmp_path / "ds"), train=TRAIN, out=str(out),
+                                    stage=stage, key=KEY))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "ACCELERATE_USE_DEEPSPEED": "true",
-           "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "OMP_NUM_THREADS": "1"}
+           "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config), "OMP_NUM_THREADS": "1"}
     env.pop("ACCELERATE_USE_CPU", None)  # accelerate would then ignore DeepSpeed
     try:
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                "2", str(script)], capture_output=True, text=True, timeout=240, env=env)
     except subprocess.TimeoutExpired:
         pytest.fail("the DeepSpeed run hung")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ds = load_file(out)
-    assert set(ds) == set(single)
-    for key, value in single.items():
-        torch.testing.assert_close(ds[key], value, atol=1e-6, rtol=0.0, msg=key)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    held = set(re.findall(r"RANK \d holds (\([\d, ]*\))", proc.stdout))
+    assert held == {"(0,)" if stage == 3 else str(tuple(expected[KEY].shape))}, proc.stdout
+    losses = [float(x) for x in re.findall(r"RANK \d eval_loss ([\d.e+-]+)", proc.stdout)]
+    assert len(losses) == 2 and all(abs(x - single.eval_loss) < 1e-6 for x in losses), (losses, single.eval_loss)
+
+    saved = load_file(out / "adapter_model.safetensors")
+    final = load_file(tmp_path / "ds" / "out" / "checkpoints" / "step-0000003" / "adapter" /
+                      "adapter_model.safetensors")
+    assert set(saved) == set(final) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(saved[key], value, atol=1e-6, rtol=0.0, msg=key)
+        assert torch.equal(final[key], saved[key]), key
 
 
 def test_gradients_sync_only_on_the_last_micro_batch_of_a_window(tmp_path):

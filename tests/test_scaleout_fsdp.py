@@ -1,8 +1,10 @@
-"""FSDP2 on two CPU processes (gloo): a checkpoint's adapter is saved whole, never as shards (issue 11).
+"""FSDP2 through accelerate on two CPU processes (gloo) trains as one process does, and saves whole adapters
+(issue 11).
 
-accelerate turns FSDP on only for GPU-like process groups (its state.py leaves MULTI_CPU out), so the Trainer's
-FSDP path cannot run on CPU; torch's FSDP2 itself can. The worker shards a LoRA model with ``fully_shard`` as
-accelerate's FSDP2 does (each decoder layer, then the root) and saves through the Trainer's own code path.
+accelerate turns FSDP on only for accelerator process groups (its state.py leaves MULTI_CPU out), though torch's
+FSDP2 itself runs over gloo. The worker therefore sets up accelerate's CPU state and switches it to FSDP2 before the
+Trainer builds its Accelerator; from there on the run takes accelerate's own FSDP2 path (``fully_shard`` of every
+decoder layer, then the root) and the Trainer's, unchanged: probes, packed training, evaluation, checkpoints, save.
 """
 
 import os
@@ -17,60 +19,74 @@ import torch
 from safetensors.torch import load_file
 
 import lora
-from conftest import make_llama, randomize_adapters
+from lora.trainer import Trainer
+from test_trainer import setup
 
 TESTS = Path(__file__).parent
+# 2 processes x batch_size 2 x grad_accum 2 = 1 process x batch_size 4 x grad_accum 2
+TRAIN = dict(grad_accum=2, max_steps=3, learning_rate=5e-3, save_every=2)
+KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
 WORKER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
-    import torch, torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-    import lora
-    from lora.checkpoint import is_sharded, whole_parameters
-    from conftest import make_llama, randomize_adapters
+    from pathlib import Path
+    import torch.distributed as dist
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    dist.init_process_group("gloo")
-    model = make_llama(seed=0)
-    lora.inject(model, lora.LoraConfig(r=4, alpha=8))
-    randomize_adapters(model, seed=3)
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+    Accelerator(cpu=True)  # DDP over gloo, switched to FSDP2 below
+    for state in (PartialState(), AcceleratorState()):  # AcceleratorState copies PartialState's on every init
+        state.distributed_type = DistributedType.FSDP
+    AcceleratorState().fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+
+    import lora
+    from lora.checkpoint import is_sharded
+    from lora.trainer import Trainer
+    from test_trainer import setup
+
+    model, _, examples, cfg = setup(Path({tmp!r}), batch_size=2, **{train!r})
+    trainer = Trainer(model, cfg, examples, eval_data=examples[:6])
+    assert trainer.accelerator.distributed_type == "FSDP" and trainer.world == 2 and trainer.packing
     assert is_sharded(model)
     shard = lora.adapter_state_dict(model)[{key!r}]
     print(f"RANK {{dist.get_rank()}} shard {{type(shard).__name__}} {{tuple(shard.to_local().shape)}}", flush=True)
-    with whole_parameters(model):  # every process gathers
-        if dist.get_rank() == 0:
-            lora.save_adapter(model, {out!r})
-    assert type(model.model.layers[0].self_attn.q_proj.lora_A["default"].weight).__name__ == "DTensor"  # resharded
-    dist.barrier()
-    dist.destroy_process_group()
+    result = trainer.train()  # evaluation at the end runs on every process, inside the root's forward
+    print(f"RANK {{dist.get_rank()}} eval_loss {{result.eval_loss!r}}", flush=True)
+    trainer.save_adapter({out!r})
 """)
 
-KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
-
-def test_an_fsdp2_sharded_adapter_is_saved_whole(tmp_path):
-    reference = make_llama(seed=0)
-    lora.inject(reference, lora.LoraConfig(r=4, alpha=8))
-    randomize_adapters(reference, seed=3)
-    expected = lora.adapter_state_dict(reference)
+def test_fsdp2_on_two_processes_trains_evaluates_and_saves_as_one_process(tmp_path):
+    model, _, examples, cfg = setup(tmp_path / "single", batch_size=4, **TRAIN)
+    single = Trainer(model, cfg, examples, eval_data=examples[:6]).train()
+    expected = lora.adapter_state_dict(model)
 
     script, out = tmp_path / "fsdp.py", tmp_path / "adapter"
-    script.write_text(WORKER.format(tests=str(TESTS), out=str(out), key=KEY))
+    script.write_text(WORKER.format(tests=str(TESTS), tmp=str(tmp_path / "fsdp"), train=TRAIN, key=KEY,
+                                    out=str(out)))
     try:
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                "2", str(script)], capture_output=True, text=True, timeout=180,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     except subprocess.TimeoutExpired:
         pytest.fail("the FSDP run hung")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     # what a save without gathering would have written: half of lora_A (r=4 rows) on each process
-    # the two ranks print at once, so their lines may share one line of the captured output
+    # (the two ranks print at once, so their lines may share one line of the captured output)
     shards = sorted(re.findall(r"RANK \d shard \w+ \(\d+, \d+\)", proc.stdout))
-    assert shards == ["RANK 0 shard DTensor (2, 16)", "RANK 1 shard DTensor (2, 16)"], proc.stdout
+    rank, width = expected[KEY].shape
+    assert shards == [f"RANK {i} shard DTensor ({rank // 2}, {width})" for i in (0, 1)], proc.stdout
+    losses = [float(x) for x in re.findall(r"RANK \d eval_loss ([\d.e+-]+)", proc.stdout)]
+    assert len(losses) == 2 and all(abs(x - single.eval_loss) < 1e-6 for x in losses), (losses, single.eval_loss)
+
     saved = load_file(out / "adapter_model.safetensors")
-    assert set(saved) == set(expected)
+    final = load_file(tmp_path / "fsdp" / "out" / "checkpoints" / "step-0000003" / "adapter" /
+                      "adapter_model.safetensors")
+    assert set(saved) == set(final) == set(expected)
     for key, value in expected.items():
-        assert torch.equal(saved[key], value), key
+        torch.testing.assert_close(saved[key], value, atol=1e-6, rtol=0.0, msg=key)
+        assert torch.equal(final[key], saved[key]), key

@@ -483,7 +483,7 @@ def test_evaluate_without_a_trainer_is_the_mean_token_loss_in_eval_mode(tmp_path
     import torch.nn.functional as F
     from lora.data import IGNORE, collate, model_inputs
     from lora.evaluate import evaluate
-    from lora.trainer import BatchLoss
+    from lora.objective import BatchLoss
 
     model, _, examples, _ = setup(tmp_path, dropout=0.5)  # dropout: eval mode must switch it off
     objective = BatchLoss(model, "lm", loss_chunk=7)

@@ -1,16 +1,27 @@
 """Scale-out on two CPU processes (torchrun, DDP over gloo): no run hangs, and resume works anywhere (issue 11).
 
+On CPU, `accelerate launch` starts one process unless MPI is set up, while `Accelerator` reads torchrun's
+environment and, told to use the CPU (ACCELERATE_USE_CPU), runs DDP over gloo, as it does over NCCL under
+`accelerate launch` on GPUs.
+
+- Two processes x batch_size 2 train to the adapter of one process x batch_size 4 (the same rows per step).
+
 - A NaN on one process stops every process with the same FloatingPointError (a process that stopped alone left
   the other waiting in the gradient all-reduce forever).
 - Fewer rows than processes: the process without rows runs a zero-weight padding micro-batch, so DDP's all-reduce
   still meets, and the run trains exactly as one process on those rows.
+- Ctrl-C seen by one process stops every process at the same step.
 - A two-process run killed with SIGKILL resumes to the adapter of an uninterrupted two-process run; one process
   may resume it when it takes the same rows per optimizer step (exact), and is refused with a clear message when
   it does not.
+
+Every torchrun costs seconds of start-up on two cores, so one launch runs every scenario that ends normally, and
+then the one that is killed.
 """
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,9 +64,21 @@ WORKER = textwrap.dedent("""
         trainer.train()
         return model, trainer
 
-    if scenario == "reference":  # an uninterrupted run, and a run on one row
+    if scenario == "reference":  # every run that ends normally, then one killed with SIGKILL
         save(*run("uninterrupted"), "uninterrupted.safetensors")
         save(*run("one-row", rows=1, batch_size=1, grad_accum=1, max_steps=2), "one-row.safetensors")
+
+        def ctrl_c_on_rank_1(trainer, step, metrics):
+            if step == 2 and trainer.accelerator.process_index == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # only this process sees Ctrl-C
+        _, trainer = run("ctrl-c", callbacks=[ctrl_c_on_rank_1], max_steps=6, save_every=0)
+        sys.stdout.write(f"CTRL-C rank {{trainer.accelerator.process_index}} stopped at step {{trainer.step}}\\n")
+        sys.stdout.flush()
+
+        def kill_at_3(trainer, step, metrics):
+            if step == 3 and trainer.accelerator.process_index == 1:
+                os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final checkpoint
+        run("killed", callbacks=[kill_at_3])
     elif scenario == "nan-on-rank-1":
         def poison(trainer, step, metrics):
             if step == 2 and trainer.accelerator.process_index == 1:  # this process's copy of the weights only
@@ -69,11 +92,6 @@ WORKER = textwrap.dedent("""
             sys.stdout.write(f"RANK {{os.environ['RANK']}}: {{e}}\\n")
             sys.stdout.flush()
             sys.exit(3)
-    elif scenario == "killed":
-        def kill_at_3(trainer, step, metrics):
-            if step == 3 and trainer.accelerator.process_index == 1:
-                os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final checkpoint
-        run("killed", callbacks=[kill_at_3])
     elif scenario == "resume":
         save(*run("killed", resume=True), "resumed.safetensors")
 """)
@@ -97,11 +115,12 @@ def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory) -> Path:
+def two_processes(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("two")
     proc = torchrun(tmp, "reference", timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp
+    assert proc.returncode != 0  # its last run was killed
+    assert (tmp / "one-row.safetensors").exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
+    return tmp, proc
 
 
 def test_a_nan_on_one_process_stops_both_with_the_same_error(tmp_path):
@@ -117,7 +136,15 @@ def test_a_nan_on_one_process_stops_both_with_the_same_error(tmp_path):
     assert "loss became nan at step 3" in errors[0] and "step-0000002" in errors[0], errors[0]
 
 
+def test_two_processes_train_as_one_process_with_the_same_global_batch(tmp_path, two_processes):
+    two_processes, _ = two_processes
+    model, _, examples, cfg = setup(tmp_path, **{**TRAIN, "batch_size": 4})  # 1 x 4 x 2 = 2 x 2 x 2 rows per step
+    Trainer(model, cfg, examples).train()
+    assert_same(load_file(two_processes / "uninterrupted.safetensors"), lora.adapter_state_dict(model), atol=1e-6)
+
+
 def test_fewer_rows_than_processes_trains_as_one_process_would(tmp_path, two_processes):
+    two_processes, _ = two_processes
     model, _, examples, cfg = setup(tmp_path, **{**TRAIN, "batch_size": 1, "grad_accum": 1, "max_steps": 2})
     Trainer(model, cfg, examples[:1]).train()
     assert_same(load_file(two_processes / "one-row.safetensors"), lora.adapter_state_dict(model), atol=1e-6)
@@ -125,9 +152,9 @@ def test_fewer_rows_than_processes_trains_as_one_process_would(tmp_path, two_pro
 
 def test_a_killed_two_process_run_resumes_on_two_processes_or_on_one_with_the_same_global_batch(tmp_path,
                                                                                                 two_processes):
+    two_processes, _ = two_processes
     uninterrupted = load_file(two_processes / "uninterrupted.safetensors")
-    killed = torchrun(tmp_path, "killed", timeout=240)
-    assert killed.returncode != 0
+    shutil.copytree(two_processes / "killed", tmp_path / "killed")
     checkpoints = tmp_path / "killed" / "out" / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-0000002"]
     state = json.loads((checkpoints / "step-0000002" / "trainer_state.json").read_text())
@@ -151,3 +178,10 @@ def test_a_killed_two_process_run_resumes_on_two_processes_or_on_one_with_the_sa
                                          r"processes x batch_size 2 x grad_accum 2\); this one takes 4 rows .*"
                                          r"processes x batch_size x grad_accum = 8, or set resume=False"):
         Trainer(model, cfg, examples).train()
+
+
+def test_ctrl_c_on_one_process_stops_all_of_them_at_the_same_step(two_processes):
+    tmp, proc = two_processes
+    stops = sorted(re.findall(r"CTRL-C rank \d stopped at step \d+", proc.stdout))
+    assert stops == ["CTRL-C rank 0 stopped at step 2", "CTRL-C rank 1 stopped at step 2"], proc.stdout[-2000:]
+    assert [p.name for p in (tmp / "ctrl-c" / "out" / "checkpoints").glob("step-*")] == ["step-0000002"]

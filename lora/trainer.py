@@ -3,7 +3,9 @@
 The loop, top to bottom: build rows (packed or single examples) -> for each optimizer step, set the learning rate,
 take ``batch_size x grad_accum`` rows per process -> sum token losses over the whole window and divide by the number
 of target tokens in the window (all processes together decide whether it is finite) -> clip -> step -> log /
-evaluate / checkpoint. Checkpoints live in :mod:`lora.checkpoint`, evaluation in :mod:`lora.evaluate`.
+evaluate / validate (early stopping) / checkpoint. What is differentiated lives in :mod:`lora.objective`,
+checkpoints in :mod:`lora.checkpoint`, evaluation in :mod:`lora.evaluate`, early stopping in
+:mod:`lora.early_stopping`.
 """
 
 from __future__ import annotations
@@ -570,21 +572,11 @@ class Trainer:
         self._rng_at_step = rng_state()
         with _CtrlC() as ctrl_c, bar:
             while self.step < self.total_steps and not self._stopped_early():
-                # The learning rate is set before the window: under DeepSpeed the engine steps inside the last
-                # micro-batch's backward.
-                factor = lr_factor(self.step, self.total_steps, cfg)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = cfg.learning_rate * group["lr_ratio"] * factor
-                window_loss, window_terms, tokens = self._backward_window(self._window(self.step))
+                last_loss, tokens = self._optimizer_step()
                 tokens_seen += tokens
-                if cfg.max_grad_norm is not None and not self.deepspeed:  # DeepSpeed's engine clips itself
-                    acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 self._rng_at_step = rng_state()
 
-                last_loss = window_loss / max(window_terms, 1)
                 elapsed = time.perf_counter() - start_time
                 metrics = {"loss": last_loss, "lr": self.optimizer.param_groups[0]["lr"],
                            "tokens_per_second": tokens_seen / max(elapsed, 1e-9)}
@@ -592,14 +584,7 @@ class Trainer:
                     metrics.update(self.evaluate())
                 if self.early_stopping is not None and (self.step % cfg.validate_every == 0
                                                         or self.step == self.total_steps):
-                    metrics["validation_loss"] = self.validation_loss()
-                    stop = self.early_stopping.update(self.step, metrics["validation_loss"], self.model)
-                    self.early_stopping.stopped = self._on_any_process(stop)  # every process stops, or none
-                    if self.early_stopping.stopped:
-                        acc.print(f"early stop at step {self.step}: the validation loss has not beaten the best by "
-                                  f"more than {cfg.early_stopping_min_delta} for {cfg.early_stopping_patience} "
-                                  f"evaluation(s) in a row; best {self.early_stopping.best_loss:.4f} at step "
-                                  f"{self.early_stopping.best_step}")
+                    metrics["validation_loss"] = self._validate()
                 self.history.append({"step": self.step, **metrics})
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{metrics['lr']:.2e}",
@@ -620,10 +605,8 @@ class Trainer:
                     interrupted = True
                     break
         train_seconds = time.perf_counter() - start_time
-        if self.early_stopping is not None and not interrupted and self.early_stopping.best_step != self.step \
-                and self.early_stopping.restore_best(self.model):
-            acc.print(f"kept the weights of step {self.early_stopping.best_step} (validation loss "
-                      f"{self.early_stopping.best_loss:.4f})")
+        if self.early_stopping is not None and not interrupted:
+            self._keep_best()
         checkpoint = self.save_checkpoint()
         final = {} if interrupted else self.evaluate()
         if cfg.logger == "tensorboard":
@@ -641,6 +624,22 @@ class Trainer:
                            **({} if self.early_stopping is None else {
                                "best_step": self.early_stopping.best_step,
                                "validation_loss": self.early_stopping.state()["best_loss"]}))
+
+    def _optimizer_step(self) -> tuple[float, int]:
+        """Set the learning rate, accumulate the gradients of step ``self.step``'s window, clip, step; returns the
+        window's mean loss and its real tokens (all processes)."""
+        cfg = self.cfg
+        # The learning rate is set before the window: under DeepSpeed the engine steps inside the last
+        # micro-batch's backward.
+        factor = lr_factor(self.step, self.total_steps, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.learning_rate * group["lr_ratio"] * factor
+        window_loss, window_terms, tokens = self._backward_window(self._window(self.step))
+        if cfg.max_grad_norm is not None and not self.deepspeed:  # DeepSpeed's engine clips itself
+            self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return window_loss / max(window_terms, 1), tokens
 
     def _backward_window(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int, int]:
         """Accumulate the gradients of one optimizer step; returns (summed loss, loss terms, real tokens), global.
@@ -685,6 +684,25 @@ class Trainer:
             finally:
                 acc.sync_gradients = True
         return window_loss, window_terms, tokens
+
+    # -- early stopping -----------------------------------------------------------------------------------------------
+    def _validate(self) -> float:
+        """The validation loss at this step; early stopping decides on it, every process the same way."""
+        loss, early = self.validation_loss(), self.early_stopping
+        early.stopped = self._on_any_process(early.update(self.step, loss, self.model))  # all stop, or none
+        if early.stopped:
+            self.accelerator.print(
+                f"early stop at step {self.step}: the validation loss has not beaten the best by more than "
+                f"{self.cfg.early_stopping_min_delta} for {self.cfg.early_stopping_patience} evaluation(s) in a row; "
+                f"best {early.best_loss:.4f} at step {early.best_step}")
+        return loss
+
+    def _keep_best(self) -> None:
+        """End of training: put back the weights of the step with the best validation loss."""
+        early = self.early_stopping
+        if early.best_step != self.step and early.restore_best(self.model):
+            self.accelerator.print(f"kept the weights of step {early.best_step} (validation loss "
+                                   f"{early.best_loss:.4f})")
 
     def _stopped_early(self) -> bool:
         return self.early_stopping is not None and self.early_stopping.stopped

@@ -51,6 +51,14 @@ def _is_conversation(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
 
 
+def _can_drop_rows(past) -> bool:
+    """Whether rows can be cut from this KV cache: transformers' growing caches of keys and values, whose layers
+    all select batch rows (a static, quantized or recurrent-state cache keeps its rows)."""
+    layers = getattr(past, "layers", None)
+    return bool(layers) and hasattr(past, "batch_select_indices") and all(
+        type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for layer in layers)
+
+
 def _encode(tokenizer, prompts: list[str | Conversation], chat: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``(B, T)`` ids and attention mask. With ``chat``, a string is a user turn and a conversation is
     taken whole; both are formatted by :func:`lora.data.render_chat`, exactly as training formats them."""
@@ -136,36 +144,48 @@ def generate(model: nn.Module, tokenizer, prompt: str | Conversation | list[str 
 
     was_training = model.training
     model.eval()
-    prompt_len = ids.shape[1]
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-    past = None
-    step_ids, step_pos = ids, (mask.cumsum(-1) - 1).clamp_min(0)
     hf = _is_hf(model)
     # Only the last position's logits are needed: without this the prompt pass computes (B, T, vocab) of them
     last_only = {"logits_to_keep": 1} if hf and "logits_to_keep" in inspect.signature(model.forward).parameters \
         else {}
-    for _ in range(max_new_tokens):
+    # A row that has finished leaves the batch, so the others run on without it. Not with per-row adapters (their
+    # rows are fixed while generating) or a cache this cannot cut rows from: then finished rows are padded along.
+    per_row = any(getattr(m, "row_adapters", None) is not None for m in model.modules())
+    new_tokens = ids.new_full((ids.shape[0], max_new_tokens), eos_token_id if eos_token_id is not None else 0)
+    rows = torch.arange(ids.shape[0], device=device)  # the prompt each row still in the batch answers
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    past, seen = None, ids
+    step_ids, step_pos = ids, (mask.cumsum(-1) - 1).clamp_min(0)
+    steps = 0
+    for steps in range(1, max_new_tokens + 1):
         if hf:
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
                         use_cache=True, **last_only)
             past, logits = out.past_key_values, out.logits[:, -1]
         else:
-            out = model(ids)
+            out = model(seen)
             logits = (out if isinstance(out, torch.Tensor) else out.logits)[:, -1]  # (B, V)
         next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
         if eos_token_id is not None:
             next_token = next_token.masked_fill(finished, eos_token_id)
             finished |= next_token == eos_token_id
-        ids = torch.cat([ids, next_token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        step_ids, step_pos = next_token[:, None], step_pos[:, -1:] + 1
+        new_tokens[rows, steps - 1] = next_token
         if finished.all():
             break
+        seen = torch.cat([seen, next_token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        step_ids, step_pos = next_token[:, None], step_pos[:, -1:] + 1
+        if finished.any() and not per_row and (not hf or _can_drop_rows(past)):
+            keep = (~finished).nonzero().squeeze(1)
+            if hf:
+                past.batch_select_indices(keep)
+            rows, finished, seen, mask = rows[keep], finished[keep], seen[keep], mask[keep]
+            step_ids, step_pos = step_ids[keep], step_pos[keep]
     model.train(was_training)
-
+    new_tokens = new_tokens[:, :steps]
     if isinstance(prompt, torch.Tensor):
-        return ids
-    texts = tokenizer.batch_decode(ids[:, prompt_len:], skip_special_tokens=True)
+        return torch.cat([ids, new_tokens], dim=1)
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return texts[0] if single else texts
 
 

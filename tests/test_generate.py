@@ -89,6 +89,27 @@ def test_batched_text_prompts_equal_one_by_one_on_a_hf_model(char_tokenizer):
     assert lora.generate(model, char_tokenizer, ids, max_new_tokens=8, temperature=0).tolist() == by_hand.tolist()
 
 
+def test_a_finished_row_leaves_the_batch_and_the_others_answer_as_they_would_alone(char_tokenizer):
+    model = make_llama_for(char_tokenizer, seed=2)
+    prompts = torch.randint(3, len(char_tokenizer), (4, 5), generator=torch.Generator().manual_seed(0))
+    free = lora.generate(model, None, prompts, max_new_tokens=10, temperature=0, eos_token_id=-1)[:, 5:]
+    first = [{int(t): i for i, t in reversed(list(enumerate(row)))} for row in free]  # token -> first step
+    # an EOS that row 0 says before some other row does (or that row never says): rows finish apart
+    eos = next(t for t in first[0] if any(first[0][t] < f.get(t, 99) for f in first[1:]))
+    sizes = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        batched = lora.generate(model, None, prompts, max_new_tokens=10, temperature=0, eos_token_id=eos)
+    finally:
+        hook.remove()
+    assert sizes[0] == 4 and min(sizes) < 4  # finished rows were cut from the batch
+    for i in range(4):
+        alone = lora.generate(model, None, prompts[i:i + 1], max_new_tokens=10, temperature=0, eos_token_id=eos)[0]
+        assert batched[i, :len(alone)].tolist() == alone.tolist()
+        assert (batched[i, len(alone):] == eos).all()  # finished rows are padded with EOS, as before
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"temperature": -1}, "temperature must be >= 0"),
     ({"top_k": -2}, "top_k must be >= 0"),

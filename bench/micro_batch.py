@@ -1,0 +1,94 @@
+"""What one training micro-batch costs, lever by lever (issue 10's per-token cost), on the recipe's defaults.
+
+One 2 x 512 packed micro-batch of the bundled task on the embedded SmolLM2 with the sft recipe's adapter (r=16 on
+every linear layer), forward and backward through the trainer's own ``BatchLoss``, timed in one process with the
+variants alternating each round:
+
+- ``threads``: torch's default thread count against one thread;
+- ``branch``: adapters on against adapters off, with the frozen base's input gradients still computed, which
+  is what the low-rank branch adds to a micro-batch;
+- ``fused-a``: for one layer's q/k/v, the three rank-r A projections of one input against one projection to 3r
+  outputs, split (what fusing them would save per layer, forward and backward).
+
+    python bench/micro_batch.py [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lora  # noqa: E402
+from lora.attention import packed_rows, use_packed_attention  # noqa: E402
+from lora.data import collate, load_dataset, pack  # noqa: E402
+from lora.inject import disabled  # noqa: E402
+from lora.objective import BatchLoss  # noqa: E402
+
+
+def seconds(fn, reps: int = 2) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps
+
+
+def fused_a(rounds: int, tokens: int = 1024, hidden: int = 576, r: int = 16) -> None:
+    x = torch.randn(tokens, hidden, requires_grad=True)
+    factors = [torch.randn(r, hidden, requires_grad=True) for _ in range(3)]
+    grads = [torch.randn(tokens, r) for _ in range(3)]
+
+    def separate():
+        torch.autograd.backward([F.linear(x, a) for a in factors], grads)
+
+    def fused():
+        torch.autograd.backward(F.linear(x, torch.cat(factors)).split(r, -1), grads)
+
+    for i in range(rounds):
+        for name, fn in (("separate", separate), ("fused", fused))[::1 if i % 2 == 0 else -1]:
+            print(f"fused-a round {i}: {name} {seconds(fn, 50) * 1e3:.2f} ms per layer", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    model, tokenizer = lora.load_model("smollm2-135m")
+    torch.manual_seed(0)
+    lora.inject(model, lora.LoraConfig(r=16, alpha=32))
+    use_packed_attention(model)
+    model.enable_input_require_grads()  # with adapters off, the base's input gradients still run
+    examples, _ = load_dataset(ROOT / "recipes" / "data" / "extract_train.jsonl", tokenizer, max_length=512)
+    batch = collate(pack(examples[:40], 512, 0)[:2], 0)
+    objective = BatchLoss(model, "lm", loss_chunk=4096)
+    objective.parts = objective.candidate  # the label-only head, as training uses it on this model
+
+    def micro_batch(adapters_on: bool = True) -> None:
+        with packed_rows(True), (torch.enable_grad() if adapters_on else disabled(model)):
+            objective(batch).backward()
+        model.zero_grad(set_to_none=True)
+
+    default_threads = torch.get_num_threads()
+    for i in range(args.rounds):
+        for threads in (default_threads, 1)[::1 if i % 2 == 0 else -1]:
+            torch.set_num_threads(threads)
+            print(f"threads round {i}: {threads} thread(s) {seconds(micro_batch):.2f} s per micro-batch", flush=True)
+    torch.set_num_threads(default_threads)
+    for i in range(args.rounds):
+        for on in (True, False)[::1 if i % 2 == 0 else -1]:
+            print(f"branch round {i}: adapters {'on ' if on else 'off'} {seconds(lambda: micro_batch(on)):.2f} s "
+                  f"per micro-batch", flush=True)
+    fused_a(args.rounds)
+
+
+if __name__ == "__main__":
+    main()

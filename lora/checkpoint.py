@@ -62,7 +62,7 @@ def whole_parameters(module: nn.Module):
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether any trainable parameter is a shard (an FSDP2 DTensor), which resuming cannot load yet."""
+    """Whether any trainable parameter is a shard (an FSDP2 DTensor)."""
     return any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
                for p in model.parameters() if p.requires_grad)
 
@@ -122,9 +122,26 @@ def optimizer_params(optimizer: torch.optim.Optimizer, names: dict[int, str]) ->
     return [(i, names[id(p)]) for i, p in zip(indices, params)]
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's whole value: an FSDP2 shard (DTensor) is gathered from every process (a collective)."""
+    return t.full_tensor() if type(t).__name__ == "DTensor" else t
+
+
+def _sharded_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``whole`` laid out as ``param`` is: this process's shard of it when ``param`` is an FSDP2 DTensor."""
+    whole = whole.to(param.device)
+    if type(param).__name__ != "DTensor":
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)  # every process has it
+
+
 def optimizer_state(optimizer: torch.optim.Optimizer,
                     names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
     """AdamW's moments as tensors keyed by parameter name, and its scalar state as JSON (no pickle).
+
+    Under FSDP2 the moments are shards: every process must call this, and each gets them whole.
 
     Args:
         optimizer: The optimizer.
@@ -135,7 +152,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer,
     for index, name in optimizer_params(optimizer, names):
         for key, value in sd["state"].get(index, {}).items():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
-                tensors[f"optim.{name}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"optim.{name}.{key}"] = _whole(value).detach().cpu().contiguous()
             else:
                 scalars[f"{name}.{key}"] = float(value)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
@@ -162,7 +179,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]
     if entries and set(entries) != expected:
         raise ValueError(f"checkpoint {source} holds optimizer state for other parameters than this optimizer's "
                          f"(e.g. {sorted(set(entries) ^ expected)[:3]}); use another output_dir or resume=False")
-    state = {index: entries[name] for index, name in pairs if name in entries}
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # in the order of pairs
+    state = {index: {field: _sharded_like(t, p) if t.dim() > 0 else t for field, t in entries[name].items()}
+             for (index, name), p in zip(pairs, params) if name in entries}
     sd = optimizer.state_dict()
     groups = [{**g, **saved, "params": g["params"]} for saved, g in zip(meta["param_groups"], sd["param_groups"])]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
@@ -207,7 +226,7 @@ class Checkpoints:
         done = self.all()
         return done[-1] if done else None
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, adapter: str,
+    def save(self, step: int, model: nn.Module, optimizer: tuple[dict[str, torch.Tensor], dict] | None, adapter: str,
              rng: dict[str, Any], rng_tensors: dict[str, torch.Tensor], state: dict[str, Any],
              best_weights: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the checkpoint of ``step`` (main process only), then drop all but the newest ``keep``.
@@ -215,8 +234,8 @@ class Checkpoints:
         Args:
             step: Optimizer steps done.
             model: The model (its trainable parameters and adapter are saved).
-            optimizer: The optimizer whose state is saved by parameter name; None to save none (DeepSpeed's
-                ZeRO optimizer keeps its state partitioned in its engine).
+            optimizer: The optimizer's state from :func:`optimizer_state` (gathered by every process under FSDP2);
+                None to save none (DeepSpeed's ZeRO optimizer keeps its state partitioned in its engine).
             adapter: The adapter saved as a PEFT folder.
             rng: This process's :func:`rng_state` at the step boundary (Python's part is saved).
             rng_tensors: Every process's torch RNG states, from :func:`gather_rng`.
@@ -235,7 +254,7 @@ class Checkpoints:
             if optimizer is None:  # DeepSpeed: ZeRO partitions the optimizer state inside its engine
                 tensors, meta = {}, None
             else:
-                tensors, meta = optimizer_state(optimizer, {id(p): n for n, p in trainable.items()})
+                tensors, meta = dict(optimizer[0]), optimizer[1]
             tensors.update({f"rng.{k}": v for k, v in rng_tensors.items()})
             tensors.update({f"best.{k}": v.float().contiguous() for k, v in (best_weights or {}).items()})
             save_file(tensors, str(tmp / "state.safetensors"))
@@ -259,10 +278,6 @@ class Checkpoints:
             ValueError: the checkpoint belongs to a run of another length or batch, or holds other parameters.
         """
         state = json.loads((path / "trainer_state.json").read_text())
-        if is_sharded(model):
-            raise ValueError(f"resuming from {path} under FSDP is not supported yet: the trainable parameters are "
-                             f"shards, and the checkpoint holds them whole. Its adapter is in {path / 'adapter'}; "
-                             f"resume with DDP (the LoRA weights are small), or set resume=False")
         if state["total_steps"] != shape.total_steps:
             raise ValueError(f"checkpoint {path} was for a run of {state['total_steps']} steps, this one has "
                              f"{shape.total_steps}; keep the data and epochs/max_steps the same to resume")
@@ -274,9 +289,10 @@ class Checkpoints:
                     f"{shape.describe()}, so every later step would see other rows. Resume with processes x "
                     f"batch_size x grad_accum = {saved.rows_per_step}, or set resume=False")
         if state["optimizer"] is None:
-            raise ValueError(f"checkpoint {path} was written under DeepSpeed or FSDP, which keep the optimizer "
+            raise ValueError(f"checkpoint {path} was written under DeepSpeed, whose engine keeps the optimizer "
                              f"state partitioned across processes, and holds none, so it cannot resume exactly; its "
-                             f"adapter is in {path / 'adapter'}. Set resume=False, or train with DDP to resume runs")
+                             f"adapter is in {path / 'adapter'}. Set resume=False, or train with DDP or FSDP to "
+                             f"resume runs")
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         weights = load_file(str(path / "trainable.safetensors"))
         if set(weights) != set(trainable):
@@ -284,8 +300,8 @@ class Checkpoints:
                              f"(e.g. {sorted(set(weights) ^ set(trainable))[:3]}); use another output_dir or "
                              f"resume=False")
         with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(weights[n].to(p.dtype))
+            for n, p in trainable.items():  # under FSDP2, each process takes its shard of the whole weight
+                p.copy_(_sharded_like(weights[n].to(p.dtype), p))
         tensors = load_file(str(path / "state.safetensors"))
         load_optimizer_state(optimizer, {id(p): n for n, p in trainable.items()}, tensors, state["optimizer"], path)
         same_processes = state.get("shape", {}).get("processes", 1) == shape.processes

@@ -29,7 +29,8 @@ from torch import nn
 
 from .adapter_io import save_adapter
 from .attention import packed_rows, use_packed_attention
-from .checkpoint import Checkpoints, RunShape, gather_rng, is_sharded, rng_state, whole_parameters
+from .checkpoint import (Checkpoints, RunShape, gather_rng, is_sharded, optimizer_state, rng_state,
+                         whole_parameters)
 from .data import IGNORE, collate, pack
 from .early_stopping import EarlyStopping, split_validation
 from .evaluate import evaluate
@@ -759,8 +760,12 @@ class Trainer:
         rng = self._rng_at_step or rng_state()
         rng_tensors = gather_rng(acc, rng)  # a collective: before any process returns
         final = self.checkpoint_dir() / f"step-{self.step:07d}"
-        # DeepSpeed's ZeRO keeps optimizer state partitioned in its engine; FSDP's moments are shards too.
-        optimizer = None if self.deepspeed or is_sharded(self.model) else self.optimizer
+        # DeepSpeed's ZeRO keeps the optimizer state partitioned inside its engine, out of reach. FSDP2's moments
+        # are shards: every process gathers them (a collective) before the main process writes.
+        optimizer = None
+        if not self.deepspeed and (acc.is_main_process or is_sharded(self.model)):
+            optimizer = optimizer_state(self.optimizer, {id(p): n for n, p in self.model.named_parameters()
+                                                         if p.requires_grad})
         with whole_parameters(self.loss_module):  # FSDP: every process gathers, the main one writes whole tensors
             if acc.is_main_process:
                 early = self.early_stopping

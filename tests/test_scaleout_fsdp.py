@@ -4,7 +4,8 @@
 accelerate turns FSDP on only for accelerator process groups (its state.py leaves MULTI_CPU out), though torch's
 FSDP2 itself runs over gloo. The worker therefore sets up accelerate's CPU state and switches it to FSDP2 before the
 Trainer builds its Accelerator; from there on the run takes accelerate's own FSDP2 path (``fully_shard`` of every
-decoder layer, then the root) and the Trainer's, unchanged: probes, packed training, evaluation, checkpoints, save.
+decoder layer, then the root) and the Trainer's, unchanged: probes, packed training, evaluation, checkpoints, save,
+and resuming from a checkpoint (sharded weights and AdamW moments put back).
 """
 
 import os
@@ -28,7 +29,7 @@ TRAIN = dict(grad_accum=2, max_steps=3, learning_rate=5e-3, save_every=2)
 KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
 WORKER = textwrap.dedent("""
-    import sys
+    import shutil, sys
     sys.path.insert(0, {tests!r})
     from pathlib import Path
     import torch.distributed as dist
@@ -57,10 +58,21 @@ WORKER = textwrap.dedent("""
     result = trainer.train()  # evaluation at the end runs on every process, inside the root's forward
     print(f"RANK {{dist.get_rank()}} eval_loss {{result.eval_loss!r}}", flush=True)
     trainer.save_adapter({out!r})
+
+    # resume the same run from its step-2 checkpoint: sharded weights and AdamW moments back in place
+    checkpoints = Path({tmp!r}) / "out" / "checkpoints"
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(checkpoints / "step-0000003")
+    dist.barrier()
+    model, _, examples, cfg = setup(Path({tmp!r}), batch_size=2, resume=True, **{train!r})
+    trainer = Trainer(model, cfg, examples, eval_data=examples[:6])
+    assert trainer.train().steps == 3
+    trainer.save_adapter({out!r} + "-resumed")
 """)
 
 
-def test_fsdp2_on_two_processes_trains_evaluates_and_saves_as_one_process(tmp_path):
+def test_fsdp2_on_two_processes_trains_evaluates_saves_and_resumes_as_one_process(tmp_path):
     model, _, examples, cfg = setup(tmp_path / "single", batch_size=4, **TRAIN)
     single = Trainer(model, cfg, examples, eval_data=examples[:6]).train()
     expected = lora.adapter_state_dict(model)
@@ -85,8 +97,10 @@ def test_fsdp2_on_two_processes_trains_evaluates_and_saves_as_one_process(tmp_pa
 
     saved = load_file(out / "adapter_model.safetensors")
     final = load_file(tmp_path / "fsdp" / "out" / "checkpoints" / "step-0000003" / "adapter" /
-                      "adapter_model.safetensors")
-    assert set(saved) == set(final) == set(expected)
+                      "adapter_model.safetensors")  # written by the resumed run
+    resumed = load_file(tmp_path / "adapter-resumed" / "adapter_model.safetensors")
+    assert set(saved) == set(final) == set(resumed) == set(expected)
     for key, value in expected.items():
         torch.testing.assert_close(saved[key], value, atol=1e-6, rtol=0.0, msg=key)
+        assert torch.equal(resumed[key], saved[key]), key  # resumed from step 2: bit for bit
         assert torch.equal(final[key], saved[key]), key

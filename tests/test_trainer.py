@@ -443,7 +443,7 @@ def test_exact_match_generates_exact_match_max_new_tokens(tmp_path):
 
 
 def test_checkpoints_save_rotate_and_load_without_a_trainer(tmp_path):
-    from lora.checkpoint import Checkpoints, RunShape, gather_rng, rng_state
+    from lora.checkpoint import Checkpoints, RunShape, gather_rng, optimizer_state, rng_state
 
     class OneProcess:
         num_processes = 1
@@ -461,7 +461,8 @@ def test_checkpoints_save_rotate_and_load_without_a_trainer(tmp_path):
                 p.grad = torch.full_like(p, 0.1 * step)
         optimizer.step()
         rng = rng_state()
-        store.save(step, model, optimizer, "default", rng, gather_rng(OneProcess(), rng),
+        names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        store.save(step, model, optimizer_state(optimizer, names), "default", rng, gather_rng(OneProcess(), rng),
                    {"total_steps": 10, "shape": dataclasses.asdict(shape), "history": [{"step": step}]})
         expected_draw = torch.rand(3)  # the next draw after the saved state
     assert [p.name for p in store.all()] == ["step-0000002", "step-0000003"] and store.latest().name == "step-0000003"
@@ -477,6 +478,13 @@ def test_checkpoints_save_rotate_and_load_without_a_trainer(tmp_path):
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[i]["exp_avg"], loaded[i]["exp_avg"]) for i in saved)
     with pytest.raises(ValueError, match=r"taking 2 rows per optimizer step .* this one takes 4 rows"):
         Checkpoints.load(store.latest(), other, other_optimizer, RunShape(10, 2, 2, 1), process_index=0)
+    # DeepSpeed's engine keeps the optimizer state to itself: such a checkpoint holds none and cannot resume exactly
+    rng = rng_state()
+    store.save(4, model, None, "default", rng, gather_rng(OneProcess(), rng),
+               {"total_steps": 10, "shape": dataclasses.asdict(shape), "history": []})
+    with pytest.raises(ValueError, match=r"step-0000004 was written under DeepSpeed, .* holds none, so it cannot "
+                                         r"resume exactly; its adapter is in .*step-0000004/adapter"):
+        Checkpoints.load(store.latest(), other, other_optimizer, shape, process_index=0)
 
 
 def test_evaluate_without_a_trainer_is_the_mean_token_loss_in_eval_mode(tmp_path):

@@ -97,7 +97,8 @@ def generate(model: nn.Module, tokenizer, prompt: str | Conversation | list[str 
         temperature: Logits are divided by it; 0 means greedy.
         top_k: Sample among the k most likely tokens (0: all).
         top_p: Sample within the nucleus of probability mass ``top_p`` (1.0: all).
-        seed: Seed for a private generator, so results repeat without touching the global RNG.
+        seed: Seed for a private generator, so results repeat without touching the global RNG. (Rows that have
+            finished leave the batch, so with several prompts each row's draws depend on when the others end.)
         chat: Format prompts as training does (:func:`lora.data.render_chat`: the chat template, or the plain
             ``role: content`` one for a tokenizer without a template), a string as a user turn (default: when the
             tokenizer has a chat template, or the prompt is a conversation).
@@ -172,14 +173,16 @@ def generate(model: nn.Module, tokenizer, prompt: str | Conversation | list[str 
         new_tokens[rows, steps - 1] = next_token
         if finished.all():
             break
-        seen = torch.cat([seen, next_token[:, None]], dim=1)
+        if not hf:  # a model without a cache reads the whole sequence again
+            seen = torch.cat([seen, next_token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         step_ids, step_pos = next_token[:, None], step_pos[:, -1:] + 1
         if finished.any() and not per_row and (not hf or _can_drop_rows(past)):
             keep = (~finished).nonzero().squeeze(1)
             if hf:
                 past.batch_select_indices(keep)
-            rows, finished, seen, mask = rows[keep], finished[keep], seen[keep], mask[keep]
+            rows, finished, mask = rows[keep], finished[keep], mask[keep]
+            seen = seen if hf else seen[keep]
             step_ids, step_pos = step_ids[keep], step_pos[keep]
     model.train(was_training)
     new_tokens = new_tokens[:, :steps]

@@ -382,10 +382,15 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.model = model
-        # The objective itself, for evaluation; accelerate's wrapper of it (DDP/FSDP) is what training calls.
+        # The objective itself, whose parts probes and evaluation call; accelerate's wrapper of it (DDP/FSDP/
+        # DeepSpeed) is what training calls, and what evaluation runs inside when the parameters are shards.
         self.objective = BatchLoss(model, self.task, config.loss_chunk, config.dpo_beta)
         self.loss_module, self.optimizer = self.accelerator.prepare(self.objective, self.optimizer)
         self.world = self.accelerator.num_processes
+        self.sharded = is_sharded(model) or self._zero3()  # FSDP2 or ZeRO-3: parameters gathered only in forward
+        if self.early_stopping is not None and self.sharded:
+            raise ValueError("validation_split (early stopping) keeps a copy of the best trainable weights, which "
+                             "FSDP and DeepSpeed ZeRO-3 hold as shards; use DDP or ZeRO-2, or set validation_split=0")
         if self.world > 1 and self.accelerator.distributed_type == "NO":
             # Seen with DeepSpeed or FSDP requested on a machine accelerate gives no backend for (CPU only): the
             # processes would each train on their share of the rows alone, and nothing would average them.
@@ -405,9 +410,6 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self._rng_at_step: dict | None = None  # RNG state at the last step boundary, for exact resume
-        if self.early_stopping is not None and (is_sharded(model) or self._zero3()):
-            raise ValueError("validation_split (early stopping) keeps a copy of the best trainable weights, which "
-                             "FSDP and DeepSpeed ZeRO-3 hold as shards; use DDP or ZeRO-2, or set validation_split=0")
 
     def _zero3(self) -> bool:
         return self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3
@@ -496,12 +498,11 @@ class Trainer:
 
     @torch.no_grad()
     def run_whole(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` (evaluation, generation, a probe) run inside the wrapped objective's forward, where FSDP2 and
-        DeepSpeed ZeRO-3 gather the parameters they shard; outside them it is just ``fn()``.
-
-        A collective under FSDP/ZeRO-3: every process calls it, and runs the same forwards inside.
+        """``fn()`` (evaluation, generation, a probe), with the model whole: under FSDP2 and DeepSpeed ZeRO-3 it
+        runs inside the wrapped objective's forward, where they gather the parameters they shard, and is a
+        collective (every process calls it and runs the same forwards inside). Otherwise it is just ``fn()``.
         """
-        return self.loss_module(inside=fn)
+        return self.loss_module(inside=fn) if self.sharded else fn()
 
     def _losses(self, data: list[dict]) -> dict[str, float]:
         """:func:`lora.evaluate.evaluate`'s metrics over ``data``, in packed rows when training packs (the same
@@ -783,6 +784,8 @@ class Trainer:
         Every process calls it (the shards are gathered from all of them); the main process writes. Returns the
         folder on every process.
         """
+        if Path(path).exists() and not Path(path).is_dir():  # on every process, before any of them gathers
+            raise ValueError(f"cannot save an adapter to {path}: it is a file; give a folder path")
         with whole_parameters(self.loss_module):
             folder = save_adapter(self.model, path, self.adapter) if self.accelerator.is_main_process else None
         self.accelerator.wait_for_everyone()

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/compare.py                          # stdlib docstrings (varied lengths), 2 rounds
     .venv/bin/python bench/compare.py --task extract --stacks lora --rounds 1   # the bundled task, ours alone
+    .venv/bin/python bench/compare.py --task extract --examples 400 --stacks lora --batch-size 2   # as the recipe
     python bench/compare.py --device cuda --model llama-1b       # on a GPU: bf16, a random ~1B Llama (gpu_check.py)
 
 Each stack fine-tunes SmolLM2-135M-Instruct (LoRA r=16, alpha=32, every linear layer but the head, fp32 on CPU,
@@ -14,9 +15,9 @@ SmolLM2's tokenizer): its loss means nothing, but the work per token is that of 
 - PEFT + transformers.Trainer: its usual set-up, padded batches of 8 examples (DataCollatorForSeq2Seq).
 - lora: the sft recipe's settings (packed 512-token rows), the whole epoch (no early stopping, no validation
   split: both stacks see every example once), with as many examples per optimizer step as PEFT's
-  batch of 8: one row per micro-batch, accumulated over ``round(8 x mean example length / 512)`` rows (2 on the
-  docstrings, whose examples average ~120 tokens), so both take about the same number of optimizer steps and
-  their held-out losses can be compared.
+  batch of 8: one row per micro-batch (``--batch-size``: more, as the sft recipe's 2), accumulated up to
+  ``round(8 x mean example length / 512)`` rows (2 on the docstrings, whose examples average ~120 tokens), so both
+  take about the same number of optimizer steps and their held-out losses can be compared.
 
 Data (``--task``):
 - ``docstrings`` (default): signature -> docstring pairs read from the Python standard library with ``inspect``,
@@ -173,7 +174,8 @@ def load(model_name: str, device: str):
     return model, tokenizer
 
 
-def run_stack(stack: str, train_file: str, heldout_file: str, out: str, model_name: str, device: str) -> dict:
+def run_stack(stack: str, train_file: str, heldout_file: str, out: str, model_name: str, device: str,
+              batch_size: str = "1") -> dict:
     import resource
 
     import torch
@@ -192,9 +194,11 @@ def run_stack(stack: str, train_file: str, heldout_file: str, out: str, model_na
         from lora.recipe import parse_settings
 
         rows_per_step = max(1, round(8 * real_tokens / len(examples) / 512))  # ~8 examples, as PEFT's batch
+        grad_accum = max(1, round(rows_per_step / int(batch_size)))
         _, lora_cfg, train_cfg = parse_settings(SFT, [f"r={R}", f"alpha={ALPHA}", f"learning_rate={LR}",
-                                                      f"output_dir={out}", "log_every=1000", "batch_size=1",
-                                                      f"grad_accum={rows_per_step}", "validation_split=0",
+                                                      f"output_dir={out}", "log_every=1000",
+                                                      f"batch_size={batch_size}", f"grad_accum={grad_accum}",
+                                                      "validation_split=0",
                                                       "early_stopping_patience=0"])  # the whole epoch, as PEFT
         lora.inject(model, lora_cfg)
         trainer = lora.Trainer(model, train_cfg, examples)
@@ -263,6 +267,9 @@ def main() -> None:
     parser.add_argument("--stacks", default="peft,lora", help="comma-separated: peft, lora")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", choices=(MODEL, "llama-1b"), default=MODEL)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="ours: packed rows per micro-batch (the sft recipe uses 2); accumulation keeps about 8 "
+                             "examples per optimizer step")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -285,7 +292,7 @@ def main() -> None:
         peaks.append(child("--child", "peak", args.device)["peak"])
         for stack in stacks if round_ % 2 == 0 else stacks[::-1]:
             r = child("--child", stack, str(train_file), str(heldout_file), str(folder / f"{stack}-{round_}"),
-                      args.model, args.device)
+                      args.model, args.device, str(args.batch_size))
             r["mfu"] = r["flops_per_second"] / peaks[-1]
             runs[stack].append(r)
             print(f"round {round_ + 1} {stack}: {r['tokens_per_second']:.1f} real tokens/s, "

@@ -225,6 +225,12 @@ def check_base_fingerprint(where, raw: dict[str, Any], sample: Callable[[str], l
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
+def check_adapter_folder(path: str | os.PathLike) -> None:
+    """Refuse an adapter folder path that is an existing file, before anything is computed or gathered."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"cannot save an adapter to {path}: it is a file; give a folder path")
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default",
                  base_model_name_or_path: str | None = None) -> Path:
     """Write adapter ``adapter`` as a PEFT-compatible folder (fp32 weights), atomically.
@@ -244,8 +250,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         what = "DoRA" if info.config.dora else f"modules_to_save {list(info.config.modules_to_save)}"
         warnings.warn(f"this adapter uses {what}: PEFT loads it, but vLLM's LoRA serving does not; to serve it "
                       f"with vLLM, merge it into the base (lora merge) and serve the merged folder")
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"cannot save an adapter to {path}: it is a file; give a folder path")
+    check_adapter_folder(path)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
     layers = dict(lora_layers(model))

@@ -61,10 +61,14 @@ def whole_parameters(module: nn.Module):
             m.reshard()
 
 
+def _is_dtensor(t: Any) -> bool:
+    """An FSDP2 shard. Checked by name, so that torch builds without torch.distributed need nothing more."""
+    return type(t).__name__ == "DTensor"
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether any trainable parameter is a shard (an FSDP2 DTensor)."""
-    return any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
-               for p in model.parameters() if p.requires_grad)
+    return any(_is_dtensor(p) or _is_dtensor(getattr(p, "data", None)) for p in model.parameters() if p.requires_grad)
 
 
 def rng_state() -> dict[str, Any]:
@@ -124,13 +128,13 @@ def optimizer_params(optimizer: torch.optim.Optimizer, names: dict[int, str]) ->
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
     """A tensor's whole value: an FSDP2 shard (DTensor) is gathered from every process (a collective)."""
-    return t.full_tensor() if type(t).__name__ == "DTensor" else t
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 def _sharded_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``whole`` laid out as ``param`` is: this process's shard of it when ``param`` is an FSDP2 DTensor."""
     whole = whole.to(param.device)
-    if type(param).__name__ != "DTensor":
+    if not _is_dtensor(param):
         return whole
     from torch.distributed.tensor import distribute_tensor
 
@@ -226,7 +230,8 @@ class Checkpoints:
         done = self.all()
         return done[-1] if done else None
 
-    def save(self, step: int, model: nn.Module, optimizer: tuple[dict[str, torch.Tensor], dict] | None, adapter: str,
+    def save(self, step: int, model: nn.Module, optim_state: tuple[dict[str, torch.Tensor], dict] | None,
+             adapter: str,
              rng: dict[str, Any], rng_tensors: dict[str, torch.Tensor], state: dict[str, Any],
              best_weights: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the checkpoint of ``step`` (main process only), then drop all but the newest ``keep``.
@@ -234,7 +239,7 @@ class Checkpoints:
         Args:
             step: Optimizer steps done.
             model: The model (its trainable parameters and adapter are saved).
-            optimizer: The optimizer's state from :func:`optimizer_state` (gathered by every process under FSDP2);
+            optim_state: The optimizer's state from :func:`optimizer_state` (gathered by every process under FSDP2);
                 None to save none (DeepSpeed's ZeRO optimizer keeps its state partitioned in its engine).
             adapter: The adapter saved as a PEFT folder.
             rng: This process's :func:`rng_state` at the step boundary (Python's part is saved).
@@ -251,10 +256,7 @@ class Checkpoints:
             trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
             save_file({n: p.detach().float().cpu().contiguous() for n, p in trainable.items()},
                       str(tmp / "trainable.safetensors"))
-            if optimizer is None:  # DeepSpeed: ZeRO partitions the optimizer state inside its engine
-                tensors, meta = {}, None
-            else:
-                tensors, meta = dict(optimizer[0]), optimizer[1]
+            tensors, meta = ({}, None) if optim_state is None else (dict(optim_state[0]), optim_state[1])
             tensors.update({f"rng.{k}": v for k, v in rng_tensors.items()})
             tensors.update({f"best.{k}": v.float().contiguous() for k, v in (best_weights or {}).items()})
             save_file(tensors, str(tmp / "state.safetensors"))

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter_io import save_adapter
+from .adapter_io import check_adapter_folder, save_adapter
 from .attention import packed_rows, use_packed_attention
 from .checkpoint import (Checkpoints, RunShape, gather_rng, is_sharded, optimizer_state, rng_state,
                          whole_parameters)
@@ -763,14 +763,14 @@ class Trainer:
         final = self.checkpoint_dir() / f"step-{self.step:07d}"
         # DeepSpeed's ZeRO keeps the optimizer state partitioned inside its engine, out of reach. FSDP2's moments
         # are shards: every process gathers them (a collective) before the main process writes.
-        optimizer = None
-        if not self.deepspeed and (acc.is_main_process or is_sharded(self.model)):
-            optimizer = optimizer_state(self.optimizer, {id(p): n for n, p in self.model.named_parameters()
-                                                         if p.requires_grad})
+        optim_state = None
+        if not self.deepspeed and (acc.is_main_process or self.sharded):
+            optim_state = optimizer_state(self.optimizer, {id(p): n for n, p in self.model.named_parameters()
+                                                           if p.requires_grad})
         with whole_parameters(self.loss_module):  # FSDP: every process gathers, the main one writes whole tensors
             if acc.is_main_process:
                 early = self.early_stopping
-                self.checkpoints.save(self.step, self.model, optimizer, self.adapter, rng, rng_tensors, {
+                self.checkpoints.save(self.step, self.model, optim_state, self.adapter, rng, rng_tensors, {
                     "total_steps": self.total_steps, "shape": dataclasses.asdict(self._shape()),
                     "history": self.history, "config": dataclasses.asdict(self.cfg),
                     **({} if early is None else {"early_stopping": early.state()})},
@@ -784,8 +784,7 @@ class Trainer:
         Every process calls it (the shards are gathered from all of them); the main process writes. Returns the
         folder on every process.
         """
-        if Path(path).exists() and not Path(path).is_dir():  # on every process, before any of them gathers
-            raise ValueError(f"cannot save an adapter to {path}: it is a file; give a folder path")
+        check_adapter_folder(path)  # on every process, before any of them gathers
         with whole_parameters(self.loss_module):
             folder = save_adapter(self.model, path, self.adapter) if self.accelerator.is_main_process else None
         self.accelerator.wait_for_everyone()

@@ -31,7 +31,7 @@ from .adapter_io import check_adapter_folder, save_adapter
 from .attention import packed_rows, use_packed_attention
 from .checkpoint import (Checkpoints, RunShape, gather_rng, is_sharded, optimizer_state, rng_state,
                          whole_parameters)
-from .data import IGNORE, collate, pack
+from .data import IGNORE, collate, join_rows, pack
 from .early_stopping import EarlyStopping, split_validation
 from .evaluate import evaluate
 from .generate import exact_match
@@ -399,9 +399,11 @@ class Trainer:
                              f"accelerate config (distributed_type, the backend) or launch one process")
         if self.task != "classification":
             self._check_shortcut(train_data)
-        if config.packing and self.task == "lm":
-            use_packed_attention(model)  # before the probe, which then checks it too
+        # before the probe, which then checks it too
+        per_example = config.packing and self.task == "lm" and use_packed_attention(model)
         self.packing = config.packing and self.task == "lm" and self._packing_is_exact(model, train_data)
+        # With attention per example, a micro-batch's rows run as one row without their padding tails
+        self.joins_rows = self.packing and per_example
         self.rows = pack(train_data, config.seq_len, self.pad_id) if self.packing else train_data
         self.rows_per_step = config.batch_size * config.grad_accum * self.world
         self.steps_per_epoch = max(1, len(self.rows) // self.rows_per_step)
@@ -456,7 +458,8 @@ class Trainer:
         """Summed loss of a micro-batch and the number of terms in it (target tokens, or examples)."""
         return self.loss_module(batch), self._terms(batch)
 
-    def _batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def _batch(self, rows: list[dict], packed: bool = False) -> dict[str, torch.Tensor]:
+        """One micro-batch on the device; ``packed``: ``rows`` come from :func:`lora.data.pack`."""
         if self.classification:
             batch = collate([{"input_ids": r["input_ids"], "targets": r["input_ids"]} for r in rows], self.pad_id)
             mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
@@ -466,7 +469,7 @@ class Trainer:
             batch = collate([r["chosen"] for r in rows] + [r["rejected"] for r in rows], self.pad_id)
             batch["pairs"] = torch.tensor(len(rows))
         else:
-            batch = collate(rows, self.pad_id)
+            batch = collate([join_rows(rows)] if packed and self.joins_rows else rows, self.pad_id)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def _terms(self, batch: dict[str, torch.Tensor]) -> int:
@@ -512,7 +515,7 @@ class Trainer:
         size = self.cfg.batch_size
         with packed_rows(packed):
             return self.run_whole(lambda: evaluate(
-                self.objective, (self._batch(rows[i:i + size]) for i in range(0, len(rows), size)),
+                self.objective, (self._batch(rows[i:i + size], packed) for i in range(0, len(rows), size)),
                 self.accelerator.autocast))
 
     def validation_loss(self) -> float:
@@ -542,9 +545,9 @@ class Trainer:
         rows = self._step_rows(step)
         in_step = min(len(self.rows), self.rows_per_step)  # rank 0 gets the most: ceil(in_step / world) rows
         most = math.ceil(math.ceil(in_step / self.world) / self.cfg.batch_size)
-        batches = [self._batch(r) for r in rows]
+        batches = [self._batch(r, self.packing) for r in rows]
         for _ in range(most - len(batches)):
-            batches.append({**self._batch(self.rows[:1]), "padding": torch.tensor(True)})
+            batches.append({**self._batch(self.rows[:1], self.packing), "padding": torch.tensor(True)})
         return batches
 
     # -- the loop -----------------------------------------------------------------------------------------------------

@@ -78,6 +78,27 @@ def test_accumulation_and_batch_size_give_the_same_training(tmp_path):
             torch.testing.assert_close(other[k], runs[0][k], atol=1e-6, rtol=1e-5)
 
 
+def test_packed_rows_of_a_micro_batch_run_as_one_row_without_their_padding_tails(tmp_path):
+    model, _, examples, cfg = setup(tmp_path, batch_size=2)
+    trainer = Trainer(model, cfg, examples)
+    assert trainer.joins_rows  # the tiny Llama runs SDPA, so attention goes per example
+    rows = [r for r in trainer.rows if r["real_tokens"] < cfg.seq_len][:2]  # rows that end in a padding tail
+    assert len(rows) == 2
+    joined = trainer._batch(rows, packed=True)
+    assert joined["input_ids"].shape == (1, sum(r["real_tokens"] for r in rows))
+    assert "attention_mask" not in joined
+    results = []
+    for batch in (joined, trainer._batch(rows)):  # the rows as they are, tails included
+        loss, terms, tokens = trainer._backward_window([batch])
+        results.append((loss, terms, tokens, grads(model)))
+        model.zero_grad()
+    (loss, terms, tokens, joined_grads), (loss_rows, terms_rows, tokens_rows, row_grads) = results
+    assert (terms, tokens) == (terms_rows, tokens_rows)
+    assert loss == pytest.approx(loss_rows, rel=1e-6)
+    for n in row_grads:
+        torch.testing.assert_close(joined_grads[n], row_grads[n], atol=1e-6, rtol=1e-5)
+
+
 def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(warmup_ratio=0.1, schedule="cosine", min_lr_ratio=0.1)
     factors = [lr_factor(s, 100, cfg) for s in range(100)]

@@ -200,6 +200,7 @@ def run_stack(stack: str, train_file: str, heldout_file: str, out: str, model_na
                                                       f"batch_size={batch_size}", f"grad_accum={grad_accum}",
                                                       "validation_split=0",
                                                       "early_stopping_patience=0"])  # the whole epoch, as PEFT
+        torch.manual_seed(0)  # A starts random: seeded, so a round's held-out loss repeats
         lora.inject(model, lora_cfg)
         trainer = lora.Trainer(model, train_cfg, examples)
         start = time.perf_counter()  # set-up (probes included) above, as PEFT's is outside its timing
@@ -209,6 +210,7 @@ def run_stack(stack: str, train_file: str, heldout_file: str, out: str, model_na
         import peft
         from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
+        torch.manual_seed(0)
         model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear"))
         rows = [{"input_ids": e["input_ids"], "attention_mask": [1] * len(e["input_ids"]),
                  "labels": [-100] + e["targets"][:-1]}  # transformers' convention: the model shifts the labels

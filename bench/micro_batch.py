@@ -1,16 +1,19 @@
 """What one training micro-batch costs, lever by lever (issue 10's per-token cost), on the recipe's defaults.
 
-One 2 x 512 packed micro-batch of the bundled task on the embedded SmolLM2 with the sft recipe's adapter (r=16 on
-every linear layer), forward and backward through the trainer's own ``BatchLoss``, timed in one process with the
-variants alternating each round:
+One micro-batch of two 512-token packed rows of the bundled task (filled as the whole file's rows are on average),
+run as the trainer runs it: one row without the padding tails. The embedded SmolLM2 with the sft recipe's adapter
+(r=16 on every linear layer), forward and backward through the trainer's own ``BatchLoss``, timed in one process
+with the variants alternating each round:
 
 - ``threads``: torch's default thread count against one thread;
 - ``branch``: adapters on against adapters off, with the frozen base's input gradients still computed, which
   is what the low-rank branch adds to a micro-batch;
+- ``tails``: the two rows as one row without their padding tails (:func:`lora.data.join_rows`) against the
+  rows as they are, tails included;
 - ``fused-a``: for one layer's q/k/v, the three rank-r A projections of one input against one projection to 3r
   outputs, split (what fusing them would save per layer, forward and backward).
 
-    python bench/micro_batch.py [--rounds 2]
+    python bench/micro_batch.py [--rounds 2] [--levers threads,branch,tails,fused-a]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import lora  # noqa: E402
 from lora.attention import packed_rows, use_packed_attention  # noqa: E402
-from lora.data import collate, load_dataset, pack  # noqa: E402
+from lora.data import collate, join_rows, load_dataset, pack  # noqa: E402
 from lora.inject import disabled  # noqa: E402
 from lora.objective import BatchLoss  # noqa: E402
 
@@ -60,7 +63,9 @@ def fused_a(rounds: int, tokens: int = 1024, hidden: int = 576, r: int = 16) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--levers", default="threads,branch,tails,fused-a", help="which levers, comma-separated")
     args = parser.parse_args()
+    levers = args.levers.split(",")
 
     model, tokenizer = lora.load_model("smollm2-135m")
     torch.manual_seed(0)
@@ -68,26 +73,36 @@ def main() -> None:
     use_packed_attention(model)
     model.enable_input_require_grads()  # with adapters off, the base's input gradients still run
     examples, _ = load_dataset(ROOT / "recipes" / "data" / "extract_train.jsonl", tokenizer, max_length=512)
-    batch = collate(pack(examples[:40], 512, 0)[:2], 0)
+    rows = pack(examples, 512, 0)
+    mean_fill = sum(r["real_tokens"] for r in rows) / len(rows)
+    pair = min(zip(rows, rows[1:]), key=lambda p: abs(p[0]["real_tokens"] + p[1]["real_tokens"] - 2 * mean_fill))
+    batches = {"joined": collate([join_rows(pair)], 0), "rows": collate(list(pair), 0)}
+    print(f"micro-batch: rows of {pair[0]['real_tokens']} and {pair[1]['real_tokens']} real tokens "
+          f"(the file's rows average {mean_fill:.0f} of 512)", flush=True)
     objective = BatchLoss(model, "lm", loss_chunk=4096)
     objective.parts = objective.candidate  # the label-only head, as training uses it on this model
 
-    def micro_batch(adapters_on: bool = True) -> None:
+    def micro_batch(adapters_on: bool = True, shape: str = "joined") -> None:
         with packed_rows(True), (torch.enable_grad() if adapters_on else disabled(model)):
-            objective(batch).backward()
+            objective(batches[shape]).backward()
         model.zero_grad(set_to_none=True)
 
     default_threads = torch.get_num_threads()
-    for i in range(args.rounds):
+    for i in range(args.rounds if "threads" in levers else 0):
         for threads in (default_threads, 1)[::1 if i % 2 == 0 else -1]:
             torch.set_num_threads(threads)
             print(f"threads round {i}: {threads} thread(s) {seconds(micro_batch):.2f} s per micro-batch", flush=True)
     torch.set_num_threads(default_threads)
-    for i in range(args.rounds):
+    for i in range(args.rounds if "branch" in levers else 0):
         for on in (True, False)[::1 if i % 2 == 0 else -1]:
             print(f"branch round {i}: adapters {'on ' if on else 'off'} {seconds(lambda: micro_batch(on)):.2f} s "
                   f"per micro-batch", flush=True)
-    fused_a(args.rounds)
+    for i in range(args.rounds if "tails" in levers else 0):
+        for shape in ("joined", "rows")[::1 if i % 2 == 0 else -1]:
+            print(f"tails round {i}: {shape:6s} {seconds(lambda: micro_batch(shape=shape)):.2f} s per micro-batch",
+                  flush=True)
+    if "fused-a" in levers:
+        fused_a(args.rounds)
 
 
 if __name__ == "__main__":

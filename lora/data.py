@@ -496,5 +496,5 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | boo
     return inputs
 
 
-__all__ = ["read_jsonl", "load_dataset", "prompts_and_answers", "pack", "join_rows", "collate", "model_inputs", "detect_format",
-           "tokenize_chat", "render_chat", "DataStats", "FORMATS", "IGNORE", "MAX_LINE_BYTES"]
+__all__ = ["read_jsonl", "load_dataset", "prompts_and_answers", "pack", "join_rows", "collate", "model_inputs",
+           "detect_format", "tokenize_chat", "render_chat", "DataStats", "FORMATS", "IGNORE", "MAX_LINE_BYTES"]

@@ -399,10 +399,10 @@ class Trainer:
                              f"accelerate config (distributed_type, the backend) or launch one process")
         if self.task != "classification":
             self._check_shortcut(train_data)
-        # before the probe, which then checks it too
+        # the attention route is chosen before the packing probe, which then checks it too
         per_example = config.packing and self.task == "lm" and use_packed_attention(model)
         self.packing = config.packing and self.task == "lm" and self._packing_is_exact(model, train_data)
-        # With attention per example, a micro-batch's rows run as one row without their padding tails
+        # with attention per example, a micro-batch's packed rows run as one row without their padding tails
         self.joins_rows = self.packing and per_example
         self.rows = pack(train_data, config.seq_len, self.pad_id) if self.packing else train_data
         self.rows_per_step = config.batch_size * config.grad_accum * self.world

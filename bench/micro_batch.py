@@ -63,9 +63,12 @@ def fused_a(rounds: int, tokens: int = 1024, hidden: int = 576, r: int = 16) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--levers", default="threads,branch,tails,fused-a", help="which levers, comma-separated")
+    known = ("threads", "branch", "tails", "fused-a")
+    parser.add_argument("--levers", default=",".join(known), help="which levers, comma-separated")
     args = parser.parse_args()
     levers = args.levers.split(",")
+    if set(levers) - set(known):
+        parser.error(f"unknown lever(s) {sorted(set(levers) - set(known))}; choose from {', '.join(known)}")
 
     model, tokenizer = lora.load_model("smollm2-135m")
     torch.manual_seed(0)

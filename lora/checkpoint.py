@@ -111,8 +111,9 @@ def gather_rng(accelerator: Any, rng: dict[str, Any]) -> dict[str, torch.Tensor]
     return out
 
 
-def optimizer_params(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[tuple[int, str]]:
-    """``(index in optimizer.state_dict(), parameter name)`` for every parameter the optimizer holds.
+def optimizer_params(optimizer: torch.optim.Optimizer,
+                     names: dict[int, str]) -> list[tuple[int, str, torch.Tensor]]:
+    """``(index in optimizer.state_dict(), parameter name, parameter)`` for every parameter the optimizer holds.
 
     Paired through the parameter objects, not by position: the optimizer's order (its param groups) need not be the
     model's (issue 9).
@@ -123,7 +124,7 @@ def optimizer_params(optimizer: torch.optim.Optimizer, names: dict[int, str]) ->
     if unnamed:
         raise ValueError(f"the optimizer holds parameters that are not trainable parameters of the model (shapes "
                          f"{unnamed[:3]}); build it from [p for p in model.parameters() if p.requires_grad]")
-    return [(i, names[id(p)]) for i, p in zip(indices, params)]
+    return [(i, names[id(p)], p) for i, p in zip(indices, params)]
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
@@ -153,7 +154,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer,
     """
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
-    for index, name in optimizer_params(optimizer, names):
+    for index, name, _ in optimizer_params(optimizer, names):
         for key, value in sd["state"].get(index, {}).items():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 tensors[f"optim.{name}.{key}"] = _whole(value).detach().cpu().contiguous()
@@ -179,13 +180,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]
         name, _, field = key.rpartition(".")
         entries.setdefault(name, {})[field] = torch.tensor(value)
     pairs = optimizer_params(optimizer, names)
-    expected = {name for _, name in pairs}
+    expected = {name for _, name, _ in pairs}
     if entries and set(entries) != expected:
         raise ValueError(f"checkpoint {source} holds optimizer state for other parameters than this optimizer's "
                          f"(e.g. {sorted(set(entries) ^ expected)[:3]}); use another output_dir or resume=False")
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # in the order of pairs
     state = {index: {field: _sharded_like(t, p) if t.dim() > 0 else t for field, t in entries[name].items()}
-             for (index, name), p in zip(pairs, params) if name in entries}
+             for index, name, p in pairs if name in entries}
     sd = optimizer.state_dict()
     groups = [{**g, **saved, "params": g["params"]} for saved, g in zip(meta["param_groups"], sd["param_groups"])]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
@@ -231,8 +231,7 @@ class Checkpoints:
         return done[-1] if done else None
 
     def save(self, step: int, model: nn.Module, optim_state: tuple[dict[str, torch.Tensor], dict] | None,
-             adapter: str,
-             rng: dict[str, Any], rng_tensors: dict[str, torch.Tensor], state: dict[str, Any],
+             adapter: str, rng: dict[str, Any], rng_tensors: dict[str, torch.Tensor], state: dict[str, Any],
              best_weights: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the checkpoint of ``step`` (main process only), then drop all but the newest ``keep``.
 

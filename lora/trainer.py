@@ -399,9 +399,10 @@ class Trainer:
                              f"accelerate config (distributed_type, the backend) or launch one process")
         if self.task != "classification":
             self._check_shortcut(train_data)
+        wants_packing = config.packing and self.task == "lm"
         # the attention route is chosen before the packing probe, which then checks it too
-        per_example = config.packing and self.task == "lm" and use_packed_attention(model)
-        self.packing = config.packing and self.task == "lm" and self._packing_is_exact(model, train_data)
+        per_example = wants_packing and use_packed_attention(model)
+        self.packing = wants_packing and self._packing_is_exact(model, train_data)
         # with attention per example, a micro-batch's packed rows run as one row without their padding tails
         self.joins_rows = self.packing and per_example
         self.rows = pack(train_data, config.seq_len, self.pad_id) if self.packing else train_data

@@ -11,9 +11,12 @@ with the variants alternating each round:
 - ``tails``: the two rows as one row without their padding tails (:func:`lora.data.join_rows`) against the
   rows as they are, tails included;
 - ``fused-a``: for one layer's q/k/v, the three rank-r A projections of one input against one projection to 3r
-  outputs, split (what fusing them would save per layer, forward and backward).
+  outputs, split (what fusing them would save per layer, forward and backward);
+- ``compile`` (only when named: its compilation takes minutes here): every decoder layer compiled by
+  ``torch.compile`` (CPU inductor, dynamic shapes; the per-example attention stays eager, where dynamo breaks the
+  graph) against the eager layers, timed over the file's first six micro-batches, with the compilation's time.
 
-    python bench/micro_batch.py [--rounds 2] [--levers threads,branch,tails,fused-a]
+    python bench/micro_batch.py [--rounds 2] [--levers threads,branch,tails,fused-a,compile]
 """
 
 from __future__ import annotations
@@ -60,11 +63,39 @@ def fused_a(rounds: int, tokens: int = 1024, hidden: int = 576, r: int = 16) -> 
             print(f"fused-a round {i}: {name} {seconds(fn, 50) * 1e3:.2f} ms per layer", flush=True)
 
 
+def compiled_layers(model, micro_batch, sample: list[dict], rounds: int) -> None:
+    """Eager decoder layers against the same layers compiled, swapped in and out of the model's layer list."""
+    layers = model.model.layers
+    eager = list(layers)
+    compiled = [torch.compile(layer, dynamic=True) for layer in eager]
+
+    def use(chosen: list) -> None:
+        for i, layer in enumerate(chosen):
+            layers[i] = layer
+
+    def per_micro_batch() -> float:
+        start = time.perf_counter()
+        for batch in sample:
+            micro_batch(batch=batch)
+        return (time.perf_counter() - start) / len(sample)
+
+    use(compiled)
+    start = time.perf_counter()
+    per_micro_batch()  # compiles (dynamic shapes after the first distinct length)
+    print(f"compile: {time.perf_counter() - start:.0f} s for the first {len(sample)} micro-batches "
+          f"(compilation included)", flush=True)
+    for i in range(rounds):
+        for name, chosen in (("compiled", compiled), ("eager", eager))[::1 if i % 2 == 0 else -1]:
+            use(chosen)
+            print(f"compile round {i}: {name:8s} {per_micro_batch():.2f} s per micro-batch", flush=True)
+    use(eager)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
-    known = ("threads", "branch", "tails", "fused-a")
-    parser.add_argument("--levers", default=",".join(known), help="which levers, comma-separated")
+    known = ("threads", "branch", "tails", "fused-a", "compile")
+    parser.add_argument("--levers", default=",".join(known[:-1]), help="which levers, comma-separated")
     args = parser.parse_args()
     levers = args.levers.split(",")
     if set(levers) - set(known):
@@ -85,9 +116,9 @@ def main() -> None:
     objective = BatchLoss(model, "lm", loss_chunk=4096)
     objective.parts = objective.candidate  # the label-only head, as training uses it on this model
 
-    def micro_batch(adapters_on: bool = True, shape: str = "joined") -> None:
+    def micro_batch(adapters_on: bool = True, shape: str = "joined", batch: dict | None = None) -> None:
         with packed_rows(True), (torch.enable_grad() if adapters_on else disabled(model)):
-            objective(batches[shape]).backward()
+            objective(batches[shape] if batch is None else batch).backward()
         model.zero_grad(set_to_none=True)
 
     default_threads = torch.get_num_threads()
@@ -106,6 +137,9 @@ def main() -> None:
                   flush=True)
     if "fused-a" in levers:
         fused_a(args.rounds)
+    if "compile" in levers:
+        compiled_layers(model, micro_batch, [collate([join_rows(rows[i:i + 2])], 0) for i in range(0, 12, 2)],
+                        args.rounds)
 
 
 if __name__ == "__main__":

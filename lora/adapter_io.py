@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, refuse_foreign
 from .config import RESIDUAL_INITS, LoraConfig
 from .inject import adapters_of, inject, lora_layers, set_active, set_trainable, unchanged_on_error
 
@@ -225,10 +225,14 @@ def check_base_fingerprint(where, raw: dict[str, Any], sample: Callable[[str], l
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
+# What an adapter folder holds (ours, or PEFT's with its model card and old pickle): saving replaces these only.
+ADAPTER_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin", "README.md"})
+
+
 def check_adapter_folder(path: str | os.PathLike) -> None:
-    """Refuse an adapter folder path that is an existing file, before anything is computed or gathered."""
-    if Path(path).exists() and not Path(path).is_dir():
-        raise ValueError(f"cannot save an adapter to {path}: it is a file; give a folder path")
+    """Refuse an adapter folder path that is an existing file, or a folder holding anything but an adapter (saving
+    replaces the folder), before anything is computed or gathered."""
+    refuse_foreign(path, ADAPTER_FILES.__contains__)
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default",
@@ -264,7 +268,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     tensors = {k: v.to("cpu", torch.float32).contiguous() if v.is_floating_point() else v.cpu().contiguous()
                for k, v in tensors.items()}
 
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, owns=ADAPTER_FILES.__contains__) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path

@@ -18,7 +18,7 @@ import secrets
 import shutil
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # This machine, short enough to keep names under the 255-byte limit: a dead-writer check only makes sense for
@@ -122,13 +122,42 @@ def _finish_tree(root: Path, file_mode: int, dir_mode: int) -> None:
         _fsync(Path(folder))
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path``, on error it is deleted.
+def _refuse_file(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; give a folder path to write to")
 
-    An existing ``path`` is kept untouched until the new folder is complete.
+
+def foreign_entries(path: str | os.PathLike, owns: Callable[[str], bool]) -> list[str]:
+    """What in folder ``path`` a writer that ``owns`` those names did not put there, sorted (none if it is absent).
+
+    Raises:
+        ValueError: ``path`` is a file, not a folder.
     """
     path = Path(path)
+    _refuse_file(path)
+    return sorted(name for name in os.listdir(path) if not owns(name)) if path.exists() else []
+
+
+def refuse_foreign(path: str | os.PathLike, owns: Callable[[str], bool]) -> None:
+    """Refuse to replace folder ``path`` while it holds anything but what its writer ``owns``: replacing the
+    folder would delete the rest (a run's checkpoints, a project's files)."""
+    foreign = foreign_entries(path, owns)
+    if foreign:
+        raise ValueError(f"{path} already holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which this "
+                         f"writer did not make; writing here replaces the whole folder and would delete them. "
+                         f"Write to a new or empty folder (e.g. {Path(path) / 'out'}), or move them away first")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, owns: Callable[[str], bool] | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path``, on error it is deleted.
+
+    An existing ``path`` is kept untouched until the new folder is complete, and is replaced only if everything in
+    it is the writer's: a name the new folder has too, or one ``owns`` claims (e.g. a shard an earlier export
+    wrote). Anything else is refused (ValueError) before the folder changes.
+    """
+    path = Path(path)
+    _refuse_file(path)  # before any work
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path.parent)
     tmp = _temp_name(path, "tmp")
@@ -137,6 +166,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         dir_mode, file_mode = stat.S_IMODE(tmp.stat().st_mode), _new_file_mode(tmp)
         yield tmp
         _finish_tree(tmp, file_mode, dir_mode)
+        written = set(os.listdir(tmp))
+        refuse_foreign(path, lambda name: name in written or (owns is not None and owns(name)))
         if path.exists():
             old = _temp_name(path, "old")
             os.replace(path, old)
@@ -172,4 +203,4 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-__all__ = ["atomic_dir", "atomic_file", "remove_leftovers"]
+__all__ = ["atomic_dir", "atomic_file", "foreign_entries", "refuse_foreign", "remove_leftovers"]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .atomic import atomic_dir, atomic_file
+from .atomic import atomic_dir, atomic_file, refuse_foreign
 from .merge import AdapterMerger
 from .models import EMBEDDED_MODELS, SOURCE_INFO, converted_folder, require_gguf
 
@@ -176,8 +176,14 @@ def export_merged(model: str | os.PathLike, adapter: str | os.PathLike | None, o
             size = 0
         shards[-1].append(spec)
         size += nbytes
+    copied = {item.name for item in folder.iterdir() if item.is_file()}
+
+    def owns(name: str) -> bool:  # an earlier export's files: its shards may be named otherwise
+        return name in copied or _WEIGHT_FILES.match(name) is not None
+
+    refuse_foreign(out, owns)  # before the merge, not after it
     stream = merged_tensors(folder, adapter, check_base)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, owns=owns) as tmp:
         names = ["model.safetensors"] if len(shards) == 1 else \
             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
         for name, shard in zip(names, shards):

@@ -108,7 +108,7 @@ def converted_folder(name: str) -> Path:
         if (target / SOURCE_INFO).is_file():  # another process converted it while this one waited
             return target
         model, tokenizer = _load_hf(gguf_path.parent, gguf_path.name, torch.float32)
-        with atomic_dir(target) as tmp:
+        with atomic_dir(target, owns=lambda name: True) as tmp:  # the cache's own folder, all of it ours
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             # GGUF export needs llama.cpp's pre-tokenizer name, which only the original GGUF knows.

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 
+from .adapter_io import check_adapter_folder
 from .atomic import atomic_file
 from .cli import USER_ERRORS, one_line
 from .config import LoraConfig
@@ -49,7 +50,8 @@ def _coerce(value: Any, annotation: str, key: str) -> Any:
                 return yaml.safe_load(value)
             if annotation.startswith("str") and not _NAME_LIST.fullmatch(value):
                 return value  # "all-linear", or a regex such as .*\.(q|v)_proj (issue 9)
-            return [v.strip() for v in value.split(",") if v.strip()]
+            items = [v.strip() for v in value.split(",") if v.strip()]
+            return [int(v) for v in items] if "[int" in annotation else items  # layers=0,1
     except (ValueError, yaml.YAMLError):
         raise ValueError(f"{key}={value!r}: expected {annotation}") from None
     return value
@@ -108,7 +110,20 @@ def parse_settings(recipe_cls, argv: list[str]) -> tuple[Any, LoraConfig, TrainC
     def part(cls):
         return cls(**{k: v for k, v in values.items() if k in _fields(cls)})
 
-    return part(recipe_cls), part(LoraConfig), part(TrainConfig)
+    settings, train_cfg = part(recipe_cls), part(TrainConfig)
+    if getattr(settings, "adapter_dir", None):
+        _check_adapter_dir(Path(settings.adapter_dir), Path(train_cfg.output_dir))
+    return settings, part(LoraConfig), train_cfg
+
+
+def _check_adapter_dir(adapter_dir: Path, output_dir: Path) -> None:
+    """Before any training: saving the adapter replaces its folder, so it must not hold the run's outputs."""
+    adapter, output = adapter_dir.resolve(), output_dir.resolve()
+    if adapter == output or adapter in output.parents:
+        raise ValueError(f"adapter_dir={str(adapter_dir)!r} holds output_dir={str(output_dir)!r}; saving the "
+                         f"adapter replaces that folder, which would delete the run's checkpoints. Give them "
+                         f"separate folders, e.g. adapter_dir={str(output_dir / 'adapter')!r}")
+    check_adapter_folder(adapter_dir)
 
 
 def _check_keys(given: dict, schema: dict[str, str], where: str) -> None:

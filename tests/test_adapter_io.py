@@ -73,10 +73,23 @@ def test_save_is_atomic_and_keeps_the_old_folder_on_failure(tmp_path, monkeypatc
 def test_save_to_a_file_path_is_refused(tmp_path, llama):
     lora.inject(llama, lora.LoraConfig())
     (tmp_path / "f").write_text("x")
-    with pytest.raises(ValueError, match="it is a file"):
+    with pytest.raises(ValueError, match="f is a file; give a folder path"):
         lora.save_adapter(llama, tmp_path / "f")
     with pytest.raises(ValueError, match=r"no adapter 'other'; it has \['default'\]"):
         lora.save_adapter(llama, tmp_path / "g", adapter="other")
+
+
+def test_save_replaces_an_adapter_folder_but_never_deletes_other_files(tmp_path, llama):
+    lora.inject(llama, lora.LoraConfig())
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-0000002").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"run already holds \['checkpoints'\].*would delete them"):
+        lora.save_adapter(llama, run)
+    assert (run / "checkpoints" / "step-0000002").is_dir()
+    lora.save_adapter(llama, tmp_path / "ad")
+    (tmp_path / "ad" / "README.md").write_text("PEFT's model card")
+    lora.save_adapter(llama, tmp_path / "ad")  # an adapter folder (PEFT's too) is replaced whole
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_missing_and_corrupt_files_give_clear_errors(tmp_path, llama):

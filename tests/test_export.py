@@ -56,11 +56,32 @@ def test_merge_refuses_an_adapter_for_another_model_and_keeps_old_output(tmp_pat
     base_and_adapter(tmp_path, lambda: make_llama_for(tok), tok)
     make_gpt2().save_pretrained(tmp_path / "gpt2")
     (tmp_path / "merged").mkdir()
-    (tmp_path / "merged" / "keep.txt").write_text("mine")
+    (tmp_path / "merged" / "config.json").write_text("mine")  # an earlier export's
     with pytest.raises(ValueError, match="trained on a different model"):
         export_merged(tmp_path / "gpt2", tmp_path / "adapter", tmp_path / "merged")
-    assert (tmp_path / "merged" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "merged" / "config.json").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_export_refuses_to_replace_a_folder_holding_files_it_did_not_write(tmp_path):
+    tok = make_bpe_tokenizer()
+    base_and_adapter(tmp_path, lambda: make_llama_for(tok), tok)
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"already holds \['notes.txt', 'src'\].*would delete them"):
+        export_merged(tmp_path / "base", tmp_path / "adapter", project)
+    assert sorted(p.name for p in project.iterdir()) == ["notes.txt", "src"]
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match="file is a file; give a folder path"):
+        export_merged(tmp_path / "base", tmp_path / "adapter", tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"
+    # an earlier export, sharded otherwise, is replaced whole: no stale shard stays beside the new file
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "model-00001-of-00002.safetensors").write_text("old")
+    export_merged(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+    assert "model-00001-of-00002.safetensors" not in {p.name for p in (tmp_path / "merged").iterdir()}
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
 # f32 must be exact to 1e-4; f16 and q8_0 may be off by this fraction of the largest logit. q8_0 keeps every weight

@@ -29,6 +29,8 @@ def test_defaults_file_and_overrides_stack(tmp_path):
     assert lora_cfg.layers == (0, 1)
     assert train_cfg.learning_rate == 5e-4 and train_cfg.packing is False
     assert parse_settings(Demo, ["limit=none"])[0].limit is None
+    assert parse_settings(Demo, ["layers=0,1"])[1].layers == (0, 1)
+    assert parse_settings(Demo, ["layers=3"])[1].layers == (3,)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -40,6 +42,7 @@ def test_defaults_file_and_overrides_stack(tmp_path):
     (["--config"], "--config needs a YAML file"),
     (["r=0"], "LoraConfig.r must be an integer >= 1"),
     (["schedule=step"], "TrainConfig.schedule must be one of"),
+    (["layers=0,x"], r"layers='0,x': expected tuple\[int, \.\.\.\] \| None"),
 ])
 def test_bad_settings_are_explained(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -95,3 +98,21 @@ def test_comma_separated_targets_from_the_command_line_match_modules():
     _, lora_cfg, _ = parse_settings(Demo, ["targets=q_proj,v_proj"])
     wrapped = lora.inject(make_llama(), lora_cfg)
     assert {path.rsplit(".", 1)[-1] for path in wrapped} == {"q_proj", "v_proj"}
+
+
+@dataclass(frozen=True)
+class WithAdapter:
+    adapter_dir: str = "adapters/x"
+
+
+def test_an_adapter_dir_that_would_delete_the_run_or_other_files_is_refused_before_training(tmp_path):
+    run = tmp_path / "run"
+    for adapter_dir in (run, tmp_path):  # the same folder, or one holding it
+        with pytest.raises(ValueError, match="would delete the run's checkpoints"):
+            parse_settings(WithAdapter, [f"adapter_dir={adapter_dir}", f"output_dir={run}"])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"already holds \['notes.txt'\]"):
+        parse_settings(WithAdapter, [f"adapter_dir={tmp_path / 'mine'}", f"output_dir={run}"])
+    settings, _, _ = parse_settings(WithAdapter, [f"adapter_dir={run / 'adapter'}", f"output_dir={run}"])
+    assert settings.adapter_dir == str(run / "adapter")

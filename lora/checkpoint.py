@@ -230,6 +230,13 @@ class Checkpoints:
         done = self.all()
         return done[-1] if done else None
 
+    def clear(self) -> list[Path]:
+        """Delete every checkpoint (an earlier run's, before a fresh run writes its own); returns what was there."""
+        done = self.all()
+        for path in done:
+            shutil.rmtree(path)
+        return done
+
     def save(self, step: int, model: nn.Module, optim_state: tuple[dict[str, torch.Tensor], dict] | None,
              adapter: str, rng: dict[str, Any], rng_tensors: dict[str, torch.Tensor], state: dict[str, Any],
              best_weights: dict[str, torch.Tensor] | None = None) -> Path:
@@ -247,9 +254,9 @@ class Checkpoints:
             best_weights: Early stopping's best trainable weights so far, kept as ``best.<parameter>``.
         """
         final = self.folder / f"step-{step:07d}"
-        if final.exists():
-            return final
-        with atomic_dir(final) as tmp:
+        # a checkpoint of this step already written (a periodic save, then the end of training after early stopping
+        # put the best weights back) is replaced: the newest state of a step is the one to resume from
+        with atomic_dir(final, owns=lambda name: True) as tmp:
             if adapters_of(model):
                 save_adapter(model, tmp / "adapter", adapter=adapter)
             trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -567,6 +567,8 @@ class Trainer:
         if latest is not None:
             self._resume(latest)
         else:
+            if not cfg.resume:
+                self._clear_earlier_run()
             torch.manual_seed(cfg.seed)  # dropout draws
         if cfg.logger == "tensorboard":
             acc.init_trackers("lora", config={k: v for k, v in dataclasses.asdict(cfg).items()
@@ -702,6 +704,20 @@ class Trainer:
                 f"{self.cfg.early_stopping_min_delta} for {self.cfg.early_stopping_patience} evaluation(s) in a row; "
                 f"best {early.best_loss:.4f} at step {early.best_step}")
         return loss
+
+    def _clear_earlier_run(self) -> None:
+        """A fresh run (``resume=False``) in an ``output_dir`` that holds an earlier run's checkpoints starts without
+        them: otherwise rotation would keep the earlier run's higher steps over this run's, and a later
+        ``resume=True`` would continue the earlier run."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            removed = self.checkpoints.clear()
+            if removed:
+                names = ", ".join(p.name for p in removed)
+                print(f"{self.checkpoint_dir()} held an earlier run's checkpoints ({names}): removed, as this run "
+                      f"starts afresh (resume=False). To continue that run instead, pass resume=True; to keep both, "
+                      f"give this run another output_dir", flush=True)
+        acc.wait_for_everyone()
 
     def _keep_best(self) -> None:
         """End of training: put back the weights of the step with the best validation loss."""

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import lora
 from lora.early_stopping import EarlyStopping, split_validation
@@ -47,6 +48,17 @@ def test_training_stops_early_and_keeps_the_best_weights(tmp_path):
     for n, p in trainable(model).items():
         assert torch.equal(p, seen[2][n]), n
     assert result.validation_loss == pytest.approx(Trainer(model, cfg, examples).validation_loss(), rel=1e-5)
+
+
+def test_the_final_checkpoint_holds_the_kept_weights_when_the_stop_step_was_already_saved(tmp_path):
+    model, _, examples, cfg = setup(tmp_path, max_steps=20, batch_size=2, learning_rate=5e-3, validation_split=8,
+                                    validate_every=2, early_stopping_patience=2, early_stopping_min_delta=100.0,
+                                    save_every=3)  # step 6, where it stops, is saved before the best is put back
+    result = Trainer(model, cfg, examples).train()
+    assert result.steps == 6 and result.best_step == 2 and result.checkpoint.endswith("step-0000006")
+    saved = load_file(f"{result.checkpoint}/adapter/adapter_model.safetensors")
+    kept = {k: v.float() for k, v in lora.adapter_state_dict(model).items()}
+    assert all(torch.equal(saved[k], kept[k]) for k in kept)
 
 
 def test_the_validation_slice_is_not_trained_on(tmp_path):

@@ -133,6 +133,18 @@ def test_checkpoints_keep_only_the_newest(tmp_path):
     assert names == ["step-0000005", "step-0000006"]
 
 
+def test_a_fresh_run_in_an_earlier_runs_output_dir_keeps_only_its_own_checkpoints(tmp_path, capsys):
+    model, _, examples, cfg = setup(tmp_path, max_steps=6, save_every=2, keep_checkpoints=2, batch_size=2)
+    Trainer(model, cfg, examples).train()
+    model, _, examples, cfg = setup(tmp_path, seed=1, max_steps=3, save_every=2, keep_checkpoints=2, batch_size=2)
+    result = Trainer(model, cfg, examples).train()
+    assert "held an earlier run's checkpoints (step-0000004, step-0000006): removed" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+    saved = load_file(Path(result.checkpoint) / "adapter" / "adapter_model.safetensors")
+    mine = {k: v.float() for k, v in lora.adapter_state_dict(model).items()}
+    assert saved.keys() == mine.keys() and all(torch.equal(saved[k], mine[k]) for k in saved)
+
+
 def test_ctrl_c_checkpoints_and_resume_gives_the_same_adapter(tmp_path):
     train = dict(max_steps=8, batch_size=2, learning_rate=5e-3)
     model, _, examples, cfg = setup(tmp_path / "a", dropout=0.1, **train)

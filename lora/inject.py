@@ -191,7 +191,7 @@ def _wrapped(model: nn.Module, path: str, wrapper: type[LoRALinear] | type[Saved
     """The ``wrapper`` at ``path``, putting one around the module there first if it has none yet."""
     module = model.get_submodule(path)
     if not isinstance(module, wrapper):
-        module = wrapper(module)
+        module = wrapper(module).train(module.training)  # a model in eval mode stays in it (LoRA dropout off)
         _replace(model, path, module)
     return module
 

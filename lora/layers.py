@@ -152,6 +152,7 @@ class LoRALinear(nn.Module):
             # With B = 0, ||W + dW|| = ||W||: the magnitude starts at the base weight's row norms (DoRA, eq. 2).
             self.lora_magnitude_vector[name] = nn.Parameter(self._base_weight_view().float().norm(dim=1))
         self.active_adapters = self.active_adapters + (name,)
+        self.train(self.training)  # the new modules take the layer's mode: in eval mode, no dropout
 
     @torch.no_grad()
     def _start_from_principal_part(self, name: str, cfg: LoraConfig) -> None:

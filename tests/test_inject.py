@@ -260,3 +260,14 @@ def test_a_failed_load_under_a_new_name_leaves_the_model_exactly_as_it_was(tmp_p
     assert {n: type(m) for n, m in model.named_modules()} == modules
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
     assert set(adapters_of(model)) == {"a"}
+
+
+def test_adapters_added_to_a_model_in_eval_mode_have_their_dropout_off(tokens):
+    model = make_llama().eval()
+    lora.inject(model, lora.LoraConfig(r=4, dropout=0.5, targets=["q_proj"]))
+    lora.inject(model, lora.LoraConfig(r=4, dropout=0.5, targets=["q_proj", "v_proj"]), adapter="b")  # wrappers exist
+    randomize_adapters(model, seed=1)
+    assert not any(m.training for m in model.modules())
+    torch.testing.assert_close(model(tokens).logits, model(tokens).logits, atol=0, rtol=0)
+    model.train()  # and train mode still turns it on
+    assert not torch.equal(model(tokens).logits, model(tokens).logits)

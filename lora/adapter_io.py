@@ -396,6 +396,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
             raise ValueError(f"adapter {adapter!r} is already in the model with r={have.r}, alpha={have.alpha}, "
                              f"rslora={have.rslora}, dora={have.dora}, but {path} has r={cfg.r}, alpha={cfg.alpha}, "
                              f"rslora={cfg.rslora}, dora={cfg.dora}; load it under another adapter name")
+        wrapping = [layer for _, layer in lora_layers(model) if adapter in layer.lora_A]
+        if any(adapter in layer.merged_adapters for layer in wrapping):
+            # its old update stays in the base weights, and a later unmerge would subtract the new one instead
+            raise ValueError(f"adapter {adapter!r} is merged into the base weights; call lora.unmerge(model) before "
+                             f"loading {path} into it, or load it under another adapter name")
+        if any(adapter in layer.initial_factors for layer in wrapping):
+            raise ValueError(f"adapter {adapter!r} started from the base's principal part (init={have.init!r}), so "
+                             f"its layers hold a residual base; load {path} under another adapter name")
     with unchanged_on_error(model):  # a failed load leaves the user's model exactly as it was
         paths = list(registry[adapter].target_paths) if adapter in registry else inject(model, cfg, adapter)
         expected = adapter_state_dict(model, adapter)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import LoraConfig
+from .config import RESIDUAL_INITS, LoraConfig
 from .inject import adapters_of, inject, lora_layers
 
 METHODS = ("cat", "svd")
@@ -61,7 +61,7 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, met
     layers = dict(lora_layers(model))
     paths = [p for p, layer in layers.items() if any(a in layer.lora_A for a in weights)]
     factors = {path: _weighted_factors(layers[path], weights, known) for path in paths}  # (A, B), scales folded
-    new_rank = rank if method == "svd" else sum(known[a].config.r for a in weights)
+    new_rank = rank if method == "svd" else sum(_delta_rank(known[a].config) for a in weights)
     errors: dict[str, float] = {}
     if method == "svd":
         for path, (A, B) in factors.items():
@@ -76,18 +76,29 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, met
     return errors
 
 
+def _delta_rank(cfg: LoraConfig) -> int:
+    """The rank of an adapter's update over the base: a PiSSA/OLoRA adapter's is ``B A - B0 A0``, rank 2r."""
+    return 2 * cfg.r if cfg.init in RESIDUAL_INITS else cfg.r
+
+
 def _weighted_factors(layer, weights: dict[str, float], known) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A`` (sum r x in) and ``B`` (out x sum r) with ``B @ A == sum(weight * scale * B_i @ A_i)``, in fp32.
+    """``A`` (sum of ranks x in) and ``B`` (out x sum of ranks) with ``B @ A == sum(weight * delta_i)``, in fp32,
+    where ``delta_i`` is ``scale B_i A_i``, less ``scale B0_i A0_i`` for a PiSSA/OLoRA adapter (it started there).
 
     An input that does not wrap this layer contributes zero rows, so every layer has the same rank.
     """
     As, Bs = [], []
     for adapter, weight in weights.items():
-        r = known[adapter].config.r
         if adapter in layer.lora_A:
+            scale = weight * layer.scaling[adapter]
             As.append(layer.lora_A[adapter].weight.detach().float())
-            Bs.append(layer.lora_B[adapter].weight.detach().float() * (weight * layer.scaling[adapter]))
+            Bs.append(layer.lora_B[adapter].weight.detach().float() * scale)
+            if adapter in layer.initial_factors:
+                A0, B0 = layer.initial_factors[adapter]
+                As.append(A0.float().to(As[-1].device))
+                Bs.append(B0.float().to(Bs[-1].device) * -scale)
         else:
+            r = _delta_rank(known[adapter].config)
             As.append(torch.zeros(r, layer.in_features))
             Bs.append(torch.zeros(layer.out_features, r))
     return torch.cat(As, dim=0), torch.cat(Bs, dim=1)

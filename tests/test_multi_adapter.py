@@ -124,6 +124,40 @@ def test_combined_adapter_saves_and_loads_in_peft(tmp_path, tokens):
     torch.testing.assert_close(theirs(tokens).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_combining_a_principal_init_adapter_sums_its_update_over_the_original_base(tokens, init):
+    model = make_llama()
+    lora.inject(model, lora.LoraConfig(r=2, alpha=4, init=init), adapter="p")
+    lora.inject(model, lora.LoraConfig(r=3, alpha=3, targets=["q_proj"]), adapter="k")
+    randomize_adapters(model, std=0.3)
+    expected = alone(model, "p", tokens)
+    lora.combine_adapters(model, {"p": 1.0}, name="c")
+    torch.testing.assert_close(alone(model, "c", tokens), expected, atol=1e-5, rtol=1e-5)
+    lora.combine_adapters(model, {"p": 0.5, "k": -1.0}, name="d")
+    for path, layer in lora_layers(model):
+        A0, B0 = layer.initial_factors["p"]
+        update_p = delta(model, "p", path) - layer.scaling["p"] * B0 @ A0  # what p adds to the original base
+        update_k = delta(model, "k", path) if "k" in layer.lora_A else 0
+        assert layer.lora_A["d"].weight.shape[0] == 2 * 2 + 3
+        torch.testing.assert_close(delta(model, "d", path), 0.5 * update_p - update_k, atol=1e-5, rtol=0)
+
+
+def test_loading_into_a_merged_or_principal_init_adapter_is_refused(tmp_path, tokens):
+    model = make_llama()
+    lora.inject(model, lora.LoraConfig(r=2, alpha=4))
+    lora.save_adapter(model, tmp_path / "ad")
+    randomize_adapters(model, std=0.3)
+    lora.merge(model)
+    merged = model(tokens).logits
+    with pytest.raises(ValueError, match="'default' is merged into the base weights; call lora.unmerge"):
+        lora.load_adapter(model, tmp_path / "ad")
+    torch.testing.assert_close(model(tokens).logits, merged, atol=0, rtol=0)
+    principal = make_llama()
+    lora.inject(principal, lora.LoraConfig(r=2, alpha=4, init="pissa"))
+    with pytest.raises(ValueError, match="init='pissa'.*under another adapter name"):
+        lora.load_adapter(principal, tmp_path / "ad")
+
+
 def test_combining_refuses_what_is_not_a_low_rank_delta():
     model = two_adapters(dora=True)
     with pytest.raises(ValueError, match="'b' uses DoRA.*merge it instead"):

@@ -177,11 +177,15 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default") -> list[
     saved = _match_modules_to_save(model, cfg.modules_to_save, paths)
     _check_not_tied(model, saved, "in modules_to_save")
 
-    for path in paths:
-        _wrapped(model, path, LoRALinear).add_adapter(adapter, cfg)
-    for path in saved:
-        _wrapped(model, path, SavedModule).add_adapter(adapter)
-    registry[adapter] = AdapterInfo(cfg, tuple(paths), tuple(saved))
+    with unchanged_on_error(model):  # a layer that refuses the adapter (PiSSA's r, say) undoes the others
+        registry[adapter] = AdapterInfo(cfg, tuple(paths), tuple(saved))
+        for path in paths:
+            try:
+                _wrapped(model, path, LoRALinear).add_adapter(adapter, cfg)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
+        for path in saved:
+            _wrapped(model, path, SavedModule).add_adapter(adapter)
     set_active(model, adapter)
     _set_trainable(model, adapter)
     return paths
@@ -302,6 +306,9 @@ def unchanged_on_error(model: nn.Module) -> Iterator[None]:
     except BaseException:
         for name in set(adapters_of(model)) - before:
             remove_adapter(model, name)
+        for path, module in list(adapter_modules(model)):  # a wrapper made for an adapter that then failed
+            if not module.adapters:
+                _replace(model, path, module.base_layer if isinstance(module, LoRALinear) else module.original_module)
         for _, module in adapter_modules(model):
             if id(module) in active:
                 module.active_adapters = active[id(module)]

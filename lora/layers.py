@@ -161,6 +161,9 @@ class LoRALinear(nn.Module):
         if self.initial_factors or self.merged_adapters:
             raise ValueError(f"init={cfg.init!r} rewrites the base weight into a residual; a layer can hold one such "
                              f"adapter, with nothing merged (remove or unmerge the others first)")
+        if hasattr(self.base_layer.weight, "get_original_weight"):
+            raise ValueError(f"init={cfg.init!r} rewrites the base weight into a residual, which a 4-bit base "
+                             f"(quantize='nf4') cannot hold; use init='kaiming' or 'gaussian' with quantize='nf4'")
         if cfg.r > min(self.in_features, self.out_features):
             raise ValueError(f"init={cfg.init!r} needs r <= min(in, out) = {min(self.in_features, self.out_features)}, "
                              f"got r={cfg.r}")

@@ -6,6 +6,7 @@ import torch
 import lora
 from lora.data import load_dataset
 from lora.export import export_merged
+from lora.inject import lora_layers
 from lora.trainer import TrainConfig, Trainer
 from conftest import make_char_tokenizer, make_llama_for
 from test_trainer import write_task
@@ -38,6 +39,9 @@ def test_nf4_base_trains_and_merges_into_the_full_precision_base(tmp_path):
     assert 0 < float((dequantized - w).norm() / w.norm()) < 0.15  # NF4's rounding: close, not equal
     assert float((quantized - reference).norm() / reference.norm()) < 0.3
 
+    with pytest.raises(ValueError, match=r"init='pissa' rewrites the base weight.*4-bit base \(quantize='nf4'\)"):
+        lora.inject(model, lora.LoraConfig(r=4, alpha=8, init="pissa"))
+    assert not list(lora_layers(model))  # nothing left half-wrapped
     lora.inject(model, lora.LoraConfig(r=4, alpha=8))
     examples, _ = load_dataset(write_task(tmp_path / "task.jsonl"), tok)
     trainer = Trainer(model, TrainConfig(output_dir=str(tmp_path / "run"), max_steps=12, batch_size=4,

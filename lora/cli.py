@@ -59,13 +59,14 @@ def _export_adapter_gguf_checked(args: argparse.Namespace, base_gguf: Path, out:
 
 
 def _export_gguf(args: argparse.Namespace) -> None:
-    from .export import export_adapter_gguf, export_gguf, write_modelfile
+    from .export import check_adapter_gguf, export_adapter_gguf, export_gguf, write_modelfile
 
     out = Path(args.out)
     verify = not args.no_verify
     if args.adapter_only:
         if not args.adapter:
             raise ValueError("--adapter-only needs --adapter DIR")
+        check_adapter_gguf(args.model, args.adapter, check_base=not args.no_check_base)  # before `out` is replaced
         export_gguf(args.model, out, None, args.dtype, verify=verify)  # checked against the base alone
         adapter_file = out.with_name(f"{out.stem}.adapter.gguf")
         if verify:

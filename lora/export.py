@@ -628,16 +628,7 @@ def export_adapter_gguf(model: str | os.PathLike, adapter: str | os.PathLike, ou
             family :func:`export_gguf` does not write, or an adapter that does not belong to the base ``model``.
     """
     gguf = require_gguf()
-    folder, out = resolve_base_folder(model), Path(out)
-    config, arch = _gguf_config(folder, what="adapter GGUF export")
-    merger = AdapterMerger(adapter, BaseWeights(folder), check_base)  # checks it belongs to this base
-    cfg = merger.config
-    unsupported = [what for what, bad in (("DoRA", cfg.dora), ("trained biases", cfg.bias != "none"),
-                                          ("modules_to_save", bool(cfg.modules_to_save))) if bad]
-    if unsupported:
-        raise ValueError(f"this adapter uses {', '.join(unsupported)}, which llama.cpp/Ollama adapters cannot "
-                         f"hold (plain LoRA A/B only). Merge it instead: lora export gguf --adapter {adapter}")
-    names = gguf.get_tensor_name_map(_model_arch(arch, gguf), config.num_hidden_layers)
+    config, arch, merger, gguf_names = check_adapter_gguf(model, adapter, check_base)
     ranks = {parts["A"].shape[0] for parts in merger.factors.values()}
     # alpha / rank == 1 exactly (x / x) when every pair has one rank, for any reader that applies alpha / rank; with
     # several ranks no single alpha does, and llama.cpp reads alpha 0 as "no scaling" (a factor of exactly 1).
@@ -648,10 +639,7 @@ def export_adapter_gguf(model: str | os.PathLike, adapter: str | os.PathLike, ou
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         for weight_name in sorted(merger.factors):
-            gguf_name = names.get_name(weight_name, try_suffixes=(".weight",))
-            if gguf_name is None:
-                raise ValueError(f"the adapter targets {weight_name!r}, which has no llama.cpp name; merge it "
-                                 f"instead: lora export gguf --adapter {adapter}")
+            gguf_name = gguf_names[weight_name]
             A = merger.factors[weight_name]["A"].float()  # (r, in)
             B = merger.scale * merger.factors[weight_name]["B"].float()  # (out, r), the module's scale folded in
             if arch in _INTERLEAVED_ROPE and ".attn_q." in gguf_name:
@@ -661,7 +649,30 @@ def export_adapter_gguf(model: str | os.PathLike, adapter: str | os.PathLike, ou
             writer.add_tensor(gguf_name + ".lora_a", A.contiguous().numpy())
             writer.add_tensor(gguf_name + ".lora_b", B.contiguous().numpy())
         _write_gguf(writer)
-    return out
+    return Path(out)
+
+
+def check_adapter_gguf(model: str | os.PathLike, adapter: str | os.PathLike, check_base: bool = True):
+    """Everything :func:`export_adapter_gguf` refuses, checked before anything is written: returns the base's
+    config and llama.cpp architecture, the adapter's :class:`AdapterMerger` and each weight's llama.cpp name."""
+    gguf = require_gguf()
+    folder = resolve_base_folder(model)
+    config, arch = _gguf_config(folder, what="adapter GGUF export")
+    merger = AdapterMerger(adapter, BaseWeights(folder), check_base)  # checks it belongs to this base
+    cfg = merger.config
+    unsupported = [what for what, bad in (("DoRA", cfg.dora), ("trained biases", cfg.bias != "none"),
+                                          ("modules_to_save", bool(cfg.modules_to_save))) if bad]
+    if unsupported:
+        raise ValueError(f"this adapter uses {', '.join(unsupported)}, which llama.cpp/Ollama adapters cannot "
+                         f"hold (plain LoRA A/B only). Merge it instead: lora export gguf --adapter {adapter}")
+    names = gguf.get_tensor_name_map(_model_arch(arch, gguf), config.num_hidden_layers)
+    gguf_names = {}
+    for weight_name in merger.factors:
+        gguf_names[weight_name] = names.get_name(weight_name, try_suffixes=(".weight",))
+        if gguf_names[weight_name] is None:
+            raise ValueError(f"the adapter targets {weight_name!r}, which has no llama.cpp name; merge it "
+                             f"instead: lora export gguf --adapter {adapter}")
+    return config, arch, merger, gguf_names
 
 
 def read_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):

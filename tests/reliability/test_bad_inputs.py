@@ -640,6 +640,27 @@ def _(tmp):
     return ["export", "gguf", "--model", str(llama_dir(tmp)), "--out", str(tmp / "m.gguf"), "--adapter-only"]
 
 
+@row("cli-export-adapter-only-dora", r"this adapter uses DoRA", r"Merge it instead", kind="cli")
+def _(tmp):  # refused before the base GGUF replaces the user's file at --out
+    out = existing_output(tmp / "exports" / "model.gguf", is_dir=False)
+    return ["export", "gguf", "--model", str(llama_dir(tmp)), "--adapter", str(adapter(tmp, dora=True)),
+            "--adapter-only", "--out", str(out)]
+
+
+@row("cli-merge-out-is-a-file", r"model\.gguf is a file", r"give a folder path", kind="cli")
+def _(tmp):
+    out = existing_output(tmp / "exports" / "model.gguf", is_dir=False)
+    return ["merge", "--model", str(llama_dir(tmp)), "--adapter", str(adapter(tmp)), "--out", str(out)]
+
+
+@row("cli-merge-out-holds-other-files", r"project already holds \['notes\.txt'\]", r"new or empty folder",
+     kind="cli")
+def _(tmp):
+    (tmp / "project").mkdir()
+    (tmp / "project" / "notes.txt").write_text("mine")
+    return ["merge", "--model", str(llama_dir(tmp)), "--adapter", str(adapter(tmp)), "--out", str(tmp / "project")]
+
+
 @row("cli-export-bad-dtype", r"argument --dtype: invalid choice: 'q4'", r"choose from", kind="cli")
 def _(tmp):
     return ["export", "gguf", "--out", str(tmp / "m.gguf"), "--dtype", "q4"]

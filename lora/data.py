@@ -226,7 +226,7 @@ def to_messages(record: dict, fmt: str) -> list[dict]:
     raise ValueError(f"the {fmt!r} format has no prompt/answer structure")
 
 
-def _special_prefix(tokenizer) -> list[int]:
+def special_prefix(tokenizer) -> list[int]:
     """The special tokens the tokenizer puts before any text (a BOS, for Llama-style tokenizers; none for GPT-2),
     found by what it does rather than by ``add_bos_token``, which tokenizers that add BOS in their post-processor
     do not set."""
@@ -254,7 +254,7 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
     def piece(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    ids = _special_prefix(tokenizer)
+    ids = special_prefix(tokenizer)
     for m in messages:
         ids += piece(f"{m['role']}:")
         if m["role"] == "assistant":

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from .atomic import atomic_dir, atomic_file, refuse_foreign
+from .data import special_prefix
 from .merge import AdapterMerger
 from .models import EMBEDDED_MODELS, SOURCE_INFO, converted_folder, require_gguf
 
@@ -548,7 +549,9 @@ def _add_tokenizer(writer, folder: Path, config, gguf) -> None:
                           (tokenizer.unk_token_id, writer.add_unk_token_id)):
         if token_id is not None:
             add(token_id)
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    # by what the tokenizer does: Llama-3-style tokenizers add BOS in their post-processor, without add_bos_token
+    bos = tokenizer.bos_token_id
+    writer.add_add_bos_token(bos is not None and special_prefix(tokenizer)[:1] == [bos])
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 

@@ -106,6 +106,24 @@ def test_gguf_read_back_by_transformers_matches_the_merged_model(tmp_path, dtype
     assert gguf_tok.eos_token == "<|im_end|>"
 
 
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_gguf_says_add_bos_when_the_tokenizer_adds_it_in_its_post_processor(tmp_path, adds_bos):
+    """Llama-3-style tokenizers add BOS in tokenizer.json's post-processor, with no add_bos_token in their config."""
+    import gguf
+    from tokenizers import processors
+
+    tok = make_bpe_tokenizer()
+    tok.bos_token = "<|im_start|>"
+    if adds_bos:
+        bos = tok.convert_tokens_to_ids("<|im_start|>")
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                                            special_tokens=[("<|im_start|>", bos)])
+    base_and_adapter(tmp_path, lambda: make_llama_for(tok), tok)
+    path = export_gguf(tmp_path / "base", tmp_path / "model.gguf", dtype="f32", verify=False)
+    field = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.add_bos_token"]
+    assert bool(field.parts[field.data[0]][0]) is adds_bos
+
+
 def test_tied_head_is_left_out_of_the_gguf(tmp_path):
     import gguf
 

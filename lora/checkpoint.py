@@ -307,6 +307,13 @@ class Checkpoints:
             raise ValueError(f"checkpoint {path} holds other trainable parameters than this model "
                              f"(e.g. {sorted(set(weights) ^ set(trainable))[:3]}); use another output_dir or "
                              f"resume=False")
+        misshapen = [f"{n} is {tuple(p.shape)} here, {tuple(weights[n].shape)} in the checkpoint"
+                     for n, p in trainable.items() if tuple(weights[n].shape) != tuple(p.shape)]
+        if misshapen:  # checked before anything is copied: a failed resume leaves the model as it was
+            raise ValueError(f"checkpoint {path} holds parameters of other shapes than this model ({misshapen[0]}"
+                             f"{f', and {len(misshapen) - 1} more' if len(misshapen) > 1 else ''}): another r or "
+                             f"another model. Resume with the settings of that run, or use another output_dir or "
+                             f"resume=False")
         with torch.no_grad():
             for n, p in trainable.items():  # under FSDP2, each process takes its shard of the whole weight
                 p.copy_(_sharded_like(weights[n].to(p.dtype), p))

@@ -420,6 +420,18 @@ def test_a_checkpoint_with_optimizer_state_for_other_parameters_is_refused(tmp_p
         Trainer(model, cfg, examples).train()
 
 
+def test_resuming_with_another_rank_is_refused_before_anything_is_loaded(tmp_path):
+    model, tok, examples, cfg = setup(tmp_path, max_steps=2, batch_size=2)  # r=4
+    Trainer(model, cfg, examples).train()
+    other = make_llama_for(tok)
+    lora.inject(other, lora.LoraConfig(r=8, alpha=8))
+    before = {k: v.clone() for k, v in lora.adapter_state_dict(other).items()}
+    with pytest.raises(ValueError, match=r"lora_A.* is \(8, 32\) here, \(4, 32\) in the checkpoint, and \d+ more\)"
+                                         r": another r"):
+        Trainer(other, cfg.replace(resume=True), examples).train()
+    assert all(torch.equal(v, before[k]) for k, v in lora.adapter_state_dict(other).items())
+
+
 @pytest.fixture
 def other_precision():
     """accelerate fixes mixed precision once per process: let a test choose another, and put it back after."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import resource
@@ -233,6 +234,12 @@ def _configure_deepspeed(accelerator: Any, cfg: TrainConfig) -> None:
     ds["gradient_clipping"] = cfg.max_grad_norm or 0.0  # 0: no clipping
     ds["zero_allow_untested_optimizer"] = True  # our AdamW, built from the LoRA parameters (and LoRA+ groups)
     accelerator.gradient_accumulation_steps = cfg.grad_accum  # else accelerate warns and takes DeepSpeed's
+
+
+# What a resumed run must share with the checkpoint's (the batch shape and length are checked by Checkpoints.load,
+# validation by EarlyStopping): the steps' data order, optimizer, schedule and loss.
+_RUN_SETTINGS = ("seed", "learning_rate", "weight_decay", "loraplus_lr_ratio", "schedule", "warmup_ratio",
+                 "min_lr_ratio", "max_grad_norm", "seq_len", "packing", "overlong", "dpo_beta")
 
 
 def _check_output_dir(path: Path) -> None:
@@ -812,6 +819,7 @@ class Trainer:
 
     def _resume(self, latest: Path) -> None:
         """Load the trainable weights, optimizer, RNG states and position saved in checkpoint ``latest``."""
+        self._check_same_settings(latest)
         state = Checkpoints.load(latest, self.model, self.optimizer, self._shape(), self.accelerator.process_index)
         self.step, self.history = state["step"], state["history"]
         if self.early_stopping is not None:
@@ -820,6 +828,18 @@ class Trainer:
                                  f"validation_split={self.cfg.validation_split}; resume with the same settings, or "
                                  f"set resume=False")
             self.early_stopping.load(state["early_stopping"], state["best_weights"])
+
+    def _check_same_settings(self, latest: Path) -> None:
+        """Refuse to resume under settings that change what the steps compute: a resumed run repeats the
+        interrupted one exactly, and the saved optimizer groups would otherwise keep some old values silently."""
+        saved = json.loads((latest / "trainer_state.json").read_text()).get("config", {})
+        now = dataclasses.asdict(self.cfg)
+        changed = [key for key in _RUN_SETTINGS if key in saved and saved[key] != now[key]]
+        if changed:
+            then = ", ".join(f"{k}={saved[k]!r}" for k in changed)
+            raise ValueError(f"checkpoint {latest} was written with {then}; this run has "
+                             f"{', '.join(f'{k}={now[k]!r}' for k in changed)}. Resume with the "
+                             f"checkpoint's settings, or set resume=False to start afresh")
 
     def plot_loss_curve(self, path: Path) -> None:
         import matplotlib

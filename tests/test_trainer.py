@@ -223,6 +223,13 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     model, _, examples, cfg = setup(tmp_path, max_steps=3, batch_size=2, resume=True)
     with pytest.raises(ValueError, match="was for a run of 2 steps, this one has 3"):
         Trainer(model, cfg, examples).train()
+    # settings the saved optimizer groups would have kept silently (weight_decay), or that change the data order
+    model, _, examples, cfg = setup(tmp_path, max_steps=2, batch_size=2, resume=True, weight_decay=0.5, seed=5)
+    before = {k: v.clone() for k, v in lora.adapter_state_dict(model).items()}
+    with pytest.raises(ValueError, match=r"step-0000002 was written with seed=0, weight_decay=0.0; this run has "
+                                         r"seed=5, weight_decay=0.5. Resume with the checkpoint's settings"):
+        Trainer(model, cfg, examples).train()
+    assert all(torch.equal(v, before[k]) for k, v in lora.adapter_state_dict(model).items())
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -28,7 +28,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     model, tokenizer = load_model(args.model)
     if args.adapter:
-        load_adapter(model, args.adapter)
+        load_adapter(model, args.adapter, check_base=not args.no_check_base)
     text = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(text)
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50, help="0 means no limit")
     gen.add_argument("--top-p", type=float, default=0.95, help="1.0 means no limit")
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--no-check-base", action="store_true",
+                     help="apply the adapter even if its base-model fingerprint does not match --model (e.g. a "
+                          "base GGUF exported in f16 or q8_0, whose rounding the check cannot tell from another base)")
     gen.set_defaults(run=_generate)
 
     merge = commands.add_parser("merge", help="merge an adapter into the base weights: a Hugging Face folder")

@@ -46,3 +46,18 @@ def test_a_file_error_is_one_line_and_exit_2(capsys, tmp_path):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and lines[0].startswith("lora merge: error: [Errno") and str(tmp_path / "file") in lines[0]
+
+
+def test_generate_takes_no_check_base_as_the_base_check_tells_it_to(tmp_path, capsys):
+    tok = make_char_tokenizer()
+    other = make_llama_for(tok, seed=1)  # another base than the adapter's
+    other.save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    model = make_llama_for(tok)
+    lora.inject(model, lora.LoraConfig(r=2))
+    lora.save_adapter(model, tmp_path / "ad")
+    args = ["generate", "--model", str(tmp_path / "other"), "--adapter", str(tmp_path / "ad"), "--prompt", "hi",
+            "--max-new-tokens", "2", "--temperature", "0"]
+    assert main(args) == 2
+    assert "on the command line --no-check-base" in capsys.readouterr().err
+    assert main(args + ["--no-check-base"]) == 0

@@ -389,6 +389,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         ValueError: unreadable folder, missing/unexpected/misshapen keys (each named), or a different base model.
     """
     cfg, raw, tensors = read_adapter(path)
+    # PEFT lists both of its classifier head names ("classifier", "score") for every SEQ_CLS adapter, whatever the
+    # model has; an entry the file holds no weights for has nothing to load
+    keys = [k[len(PEFT_PREFIX):] for k in tensors]
+    cfg = cfg.replace(modules_to_save=tuple(name for name in cfg.modules_to_save
+                                            if any(k.startswith(f"{name}.") or f".{name}." in k for k in keys)))
     registry = adapters_of(model)
     if adapter in registry:
         have = registry[adapter].config

@@ -102,6 +102,21 @@ def test_classification_adapter_loads_in_peft_as_a_classifier(tmp_path, tokens):
     torch.testing.assert_close(theirs(tokens).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_classifier_adapter_trained_with_peft_loads_with_its_head(tmp_path, tokens):
+    theirs = peft.get_peft_model(make_llama_classifier(), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                                           target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(theirs)
+    with torch.no_grad():
+        theirs.base_model.model.score.modules_to_save["default"].weight.normal_()  # a trained head
+    expected = theirs.eval()(tokens).logits
+    theirs.save_pretrained(tmp_path / "ad")
+    listed = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["modules_to_save"]
+    assert "classifier" in listed  # a head name this model does not have
+    ours = make_llama_classifier()
+    lora.load_adapter(ours, tmp_path / "ad")
+    torch.testing.assert_close(ours(tokens).logits, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_task_type_of_causal_and_plain_models(tmp_path):
     from tiny_gpt import TinyGPT
 

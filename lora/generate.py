@@ -139,6 +139,15 @@ def generate(model: nn.Module, tokenizer, prompt: str | Conversation | list[str 
         if chat is None:
             chat = getattr(tokenizer, "chat_template", None) is not None or any(map(_is_conversation, prompts))
         ids, mask = _encode(tokenizer, prompts, chat, device)
+        if not _is_hf(model) and not bool(mask.all()):
+            # A plain module takes no attention mask and no positions: it would read the left padding as text.
+            if any(getattr(m, "row_adapters", None) is not None for m in model.modules()):
+                raise ValueError("prompts of different lengths with adapter_names need a model that takes an "
+                                 "attention mask (a Hugging Face model); give prompts of one length, or one call "
+                                 "per adapter")
+            texts = [generate(model, tokenizer, p, max_new_tokens, temperature, top_k, top_p, seed, chat,
+                              eos_token_id) for p in prompts]  # each prompt alone, unpadded
+            return texts[0] if single else texts
     if eos_token_id is None and tokenizer is not None:
         eos_token_id = tokenizer.eos_token_id
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

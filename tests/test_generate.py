@@ -89,6 +89,14 @@ def test_batched_text_prompts_equal_one_by_one_on_a_hf_model(char_tokenizer):
     assert lora.generate(model, char_tokenizer, ids, max_new_tokens=8, temperature=0).tolist() == by_hand.tolist()
 
 
+def test_batched_text_prompts_of_different_lengths_equal_one_by_one_on_a_plain_module(char_tokenizer):
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=len(char_tokenizer), block_size=64).eval()  # takes no attention mask
+    prompts = ["hi", "a longer prompt"]
+    single = [lora.generate(model, char_tokenizer, p, max_new_tokens=6, temperature=0, chat=False) for p in prompts]
+    assert lora.generate(model, char_tokenizer, prompts, max_new_tokens=6, temperature=0, chat=False) == single
+
+
 def test_a_finished_row_leaves_the_batch_and_the_others_answer_as_they_would_alone(char_tokenizer):
     model = make_llama_for(char_tokenizer, seed=2)
     prompts = torch.randint(3, len(char_tokenizer), (4, 5), generator=torch.Generator().manual_seed(0))

@@ -414,7 +414,8 @@ class Trainer:
         self.joins_rows = self.packing and per_example
         self.rows = pack(train_data, config.seq_len, self.pad_id) if self.packing else train_data
         self.rows_per_step = config.batch_size * config.grad_accum * self.world
-        self.steps_per_epoch = max(1, len(self.rows) // self.rows_per_step)
+        # the last step of an epoch takes the rows left over, so every row is trained on in every epoch
+        self.steps_per_epoch = max(1, math.ceil(len(self.rows) / self.rows_per_step))
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
         self.checkpoints = Checkpoints(self.output_dir / "checkpoints", config.keep_checkpoints)
         self.step = 0
@@ -551,7 +552,9 @@ class Trainer:
         backward like the others with weight 0, so they add nothing to gradients, loss or token counts.
         """
         rows = self._step_rows(step)
-        in_step = min(len(self.rows), self.rows_per_step)  # rank 0 gets the most: ceil(in_step / world) rows
+        index = step % self.steps_per_epoch
+        in_step = min(len(self.rows) - index * self.rows_per_step, self.rows_per_step)  # the epoch's last: fewer
+        # rank 0 gets the most: ceil(in_step / world) rows
         most = math.ceil(math.ceil(in_step / self.world) / self.cfg.batch_size)
         batches = [self._batch(r, self.packing) for r in rows]
         for _ in range(most - len(batches)):

@@ -99,6 +99,17 @@ def test_packed_rows_of_a_micro_batch_run_as_one_row_without_their_padding_tails
         torch.testing.assert_close(joined_grads[n], row_grads[n], atol=1e-6, rtol=1e-5)
 
 
+def test_an_epoch_trains_on_every_row_the_last_step_taking_the_rows_left_over(tmp_path):
+    model, _, examples, cfg = setup(tmp_path, packing=False, batch_size=2, grad_accum=4)  # 8 rows a step
+    trainer = Trainer(model, cfg, examples[:15])
+    assert trainer.total_steps == 2
+    seen = [row for step in range(2) for batch in trainer._step_rows(step) for row in batch]
+    assert sorted(id(r) for r in seen) == sorted(id(r) for r in trainer.rows)  # each of the 15 rows once
+    last = trainer._window(1)
+    assert len(last) == 4 and not any("padding" in b for b in last)  # 7 rows: 4 micro-batches, none idle
+    assert trainer.train().steps == 2
+
+
 def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(warmup_ratio=0.1, schedule="cosine", min_lr_ratio=0.1)
     factors = [lr_factor(s, 100, cfg) for s in range(100)]

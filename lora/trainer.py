@@ -62,10 +62,12 @@ class TrainConfig:
         max_grad_norm: Clip the global gradient norm to this (None: no clipping).
         precision: ``"auto"`` (bf16 on GPUs that have it, fp16 with a grad scaler on older GPUs, fp32 on CPU),
             or ``"fp32"``, ``"bf16"``, ``"fp16"``.
-        seq_len: Longest example in tokens (longer ones are handled by ``overlong``), and the packed row length.
+        seq_len: Longest example in tokens (longer ones are refused: load the data with ``max_length=seq_len``),
+            and the packed row length.
         packing: Pack several examples per row (no padding, no cross-attention between them), where a probe on
             the first batch shows the model keeps packed examples apart (else padded rows, with a notice).
-        overlong: ``"truncate"`` or ``"drop"`` examples longer than ``seq_len``.
+        overlong: ``"truncate"`` or ``"drop"`` examples longer than ``seq_len``, as the recipes load their data
+            (``lora.load_dataset(..., max_length=seq_len, overlong=...)``).
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         eval_every: Evaluate every N steps (0: only at the end).
         save_every: Write a checkpoint every N steps (0: only at the end).
@@ -236,6 +238,17 @@ def _configure_deepspeed(accelerator: Any, cfg: TrainConfig) -> None:
     accelerator.gradient_accumulation_steps = cfg.grad_accum  # else accelerate warns and takes DeepSpeed's
 
 
+def _check_lengths(examples: list[dict], seq_len: int, what: str) -> None:
+    """Refuse examples longer than ``seq_len`` (packed or padded): cutting or dropping them is the loader's job."""
+    lengths = [max(len(ex[k]["input_ids"]) for k in ("chosen", "rejected")) if "chosen" in ex else len(ex["input_ids"])
+               for ex in examples]
+    over = [n for n in lengths if n > seq_len]
+    if over:
+        raise ValueError(f"{len(over)} {what} example(s) are longer than seq_len={seq_len} tokens (the longest: "
+                         f"{max(over)}); load the data with max_length=seq_len (lora.load_dataset then truncates or "
+                         f"drops them, as overlong says), or raise seq_len")
+
+
 # What a resumed run must share with the checkpoint's (the batch shape and length are checked by Checkpoints.load,
 # validation by EarlyStopping): the steps' data order, optimizer, schedule and loss.
 _RUN_SETTINGS = ("seed", "learning_rate", "weight_decay", "loraplus_lr_ratio", "schedule", "warmup_ratio",
@@ -350,6 +363,7 @@ class Trainer:
         first = train_data[0]
         self.task = "classification" if "label" in first else "preference" if "chosen" in first else "lm"
         self.classification = self.task == "classification"
+        _check_lengths(train_data, config.seq_len, "training")
         if pad_id is None:
             pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
         self.pad_id = 0 if pad_id is None else int(pad_id)

@@ -274,6 +274,16 @@ def test_output_dir_that_is_or_lies_under_a_file_is_refused_before_training(tmp_
     assert (tmp_path / "notes.txt").read_text() == "the user's notes"
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_examples_longer_than_seq_len_are_refused_packed_or_padded(tmp_path, packing):
+    model, _, examples, cfg = setup(tmp_path, packing=packing, seq_len=32)
+    longest = max(len(e["input_ids"]) for e in examples)
+    over = sum(len(e["input_ids"]) > 32 for e in examples)
+    with pytest.raises(ValueError, match=rf"{over} training example\(s\) are longer than seq_len=32 tokens \(the "
+                                         rf"longest: {longest}\); load the data with max_length=seq_len"):
+        Trainer(model, cfg, examples)
+
+
 def test_model_without_trainable_parameters_is_refused(tmp_path):
     tok = make_char_tokenizer()
     model = make_llama_for(tok)

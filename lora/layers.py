@@ -246,9 +246,21 @@ class LoRALinear(nn.Module):
         weight = self.base_layer.weight
         weight.copy_((W.T if self.fan_in_fan_out else W).to(weight.dtype))
 
+    def check_mergeable(self) -> None:
+        """Refuse to merge a DoRA adapter together with another one: DoRA's update is relative to the base weight
+        it is applied to, so on top of another adapter's merge it would no longer be the update the forward uses."""
+        merged = self.merged_adapters + [n for n in self.active_adapters if n not in self.merged_adapters]
+        dora = [n for n in merged if n in self.lora_magnitude_vector]
+        if dora and len(merged) > 1:
+            others = [n for n in merged if n != dora[0]]
+            raise ValueError(f"DoRA adapter {dora[0]!r} would be merged together with {others}: DoRA's update "
+                             f"depends on the base weight under it, so merged on top of another adapter it changes "
+                             f"the model's output. Merge it alone (lora.set_active(model, {dora[0]!r}), then merge)")
+
     @torch.no_grad()
     def merge(self) -> None:
         """Add every active, not yet merged adapter into the base weight (fp32 math, one cast back). Idempotent."""
+        self.check_mergeable()
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue

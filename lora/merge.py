@@ -14,8 +14,15 @@ from .layers import LoRALinear, merged_weight
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Add every active adapter into its base weight, in place (fp32 math, one cast back). Idempotent."""
-    for _, layer in lora_layers(model):
+    """Add every active adapter into its base weight, in place (fp32 math, one cast back). Idempotent.
+
+    Raises:
+        ValueError: a DoRA adapter would be merged together with another adapter (checked before any layer changes).
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.check_mergeable()
+    for layer in layers:
         layer.merge()
     return model
 

@@ -158,6 +158,20 @@ def test_loading_into_a_merged_or_principal_init_adapter_is_refused(tmp_path, to
         lora.load_adapter(principal, tmp_path / "ad")
 
 
+def test_a_dora_adapter_is_not_merged_on_top_of_another_one(tokens):
+    model = two_adapters(dora=True)  # b is DoRA
+    lora.set_active(model, ["a", "b"])
+    both = model(tokens).logits
+    with pytest.raises(ValueError, match=r"DoRA adapter 'b' would be merged together with \['a'\].*Merge it alone"):
+        lora.merge(model)
+    assert not any(layer.merged_adapters for _, layer in lora_layers(model))  # no layer was merged
+    torch.testing.assert_close(model(tokens).logits, both, atol=0, rtol=0)
+    lora.set_active(model, "b")
+    alone_b = model(tokens).logits
+    lora.merge(model)
+    torch.testing.assert_close(model(tokens).logits, alone_b, atol=1e-5, rtol=1e-5)
+
+
 def test_combining_refuses_what_is_not_a_low_rank_delta():
     model = two_adapters(dora=True)
     with pytest.raises(ValueError, match="'b' uses DoRA.*merge it instead"):

@@ -82,11 +82,26 @@ class AdapterMerger:
                     break
             else:
                 self._replace[path] = tensor
+        self._prefix = self._outer_prefix(base)
+        if self._prefix:  # keys as the base folder stores them
+            self.factors = {k[len(self._prefix):]: v for k, v in self.factors.items()}
+            self._replace = {k[len(self._prefix):]: v for k, v in self._replace.items()}
         self._check_fits(adapter_dir, base)
         if check_base:
             dtype = base[next(iter(self.factors))].dtype if self.factors else torch.float32
-            check_base_fingerprint(adapter_dir, self.peft_config,
-                                   lambda path: fingerprint_sample(self._out_in(base[path + ".weight"])), dtype)
+            check_base_fingerprint(adapter_dir, self.peft_config, lambda path: fingerprint_sample(
+                self._out_in(base[path.removeprefix(self._prefix) + ".weight"])), dtype)
+
+    def _outer_prefix(self, base: Mapping[str, torch.Tensor]) -> str:
+        """The module prefix the adapter's keys have and the base folder's do not (``"transformer."``): a base
+        model saved without its head, as GPT-2 is on the Hugging Face hub, stores ``h.0...`` where the causal LM
+        the adapter was trained on has ``transformer.h.0...``. Empty when the keys already agree."""
+        keys, ours = set(base.keys()), set(self.factors) | set(self._replace)
+        if not ours or ours <= keys:
+            return ""
+        outer = {k.split(".", 1)[0] for k in ours}
+        prefix = f"{outer.pop()}." if len(outer) == 1 else ""
+        return prefix if prefix and {k[len(prefix):] for k in ours} <= keys else ""
 
     def _out_in(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.T if self.fan_in_fan_out else tensor  # GPT-2's Conv1D stores (in, out)
@@ -95,6 +110,12 @@ class AdapterMerger:
         """Every adapter tensor has a base tensor of the matching shape, or the adapter belongs to another model."""
         keys = set(base.keys())
         missing = sorted(set(self.factors) - keys | set(self._replace) - keys)
+        heads = [k for k in missing if k.split(".", 1)[0] in ("score", "classifier")]
+        if heads:
+            raise ValueError(f"the adapter {adapter_dir} trains a classification head ({heads[0]}), which this base "
+                             f"folder, a causal language model, does not have. Merge it into the classifier: load "
+                             f"AutoModelForSequenceClassification from the base, lora.load_adapter(model, "
+                             f"'{adapter_dir}'), then lora.merge_and_unload(model).save_pretrained(out)")
         if missing:
             raise ValueError(f"the adapter {adapter_dir} has weights for {missing[:5]} (of {len(missing)}) that are "
                              f"not in the base state dict; it was trained on a different model. Use the base it "

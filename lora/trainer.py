@@ -36,6 +36,7 @@ from .data import IGNORE, collate, join_rows, pack
 from .early_stopping import EarlyStopping, split_validation
 from .evaluate import evaluate
 from .generate import exact_match
+from .inject import adapters_of
 from .layers import is_linear_like
 from .objective import BatchLoss, packing_gap
 
@@ -362,6 +363,12 @@ class Trainer:
             raise ValueError("train_data is empty")
         first = train_data[0]
         self.task = "classification" if "label" in first else "preference" if "chosen" in first else "lm"
+        adapter_cfg = adapters_of(model)[adapter].config if adapter in adapters_of(model) else None
+        if self.task == "preference" and adapter_cfg is not None and adapter_cfg.bias != "none":
+            # DPO's reference is the model with its adapters off; a bias trained in place would move it too
+            raise ValueError(f"DPO compares against the base model (adapters switched off), and bias="
+                             f"{adapter_cfg.bias!r} trains the base's own biases, so the reference would drift "
+                             f"as training goes; inject the adapter with bias='none' for preference data")
         self.classification = self.task == "classification"
         _check_lengths(train_data, config.seq_len, "training")
         if pad_id is None:

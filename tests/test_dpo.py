@@ -69,6 +69,15 @@ def test_loss_starts_at_log_2_and_training_separates_the_pairs(tmp_path):
     assert after["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_dpo_with_trained_base_biases_is_refused_as_its_reference_would_drift(tmp_path):
+    tok = make_char_tokenizer()
+    model = make_llama_for(tok)
+    lora.inject(model, lora.LoraConfig(r=4, alpha=8, bias="all"))
+    pairs, _ = load_preferences(pairs_file(tmp_path / "p.jsonl"), tok)
+    with pytest.raises(ValueError, match=r"DPO compares against the base model.*bias='all'.*bias='none'"):
+        Trainer(model, TrainConfig(output_dir=str(tmp_path / "out"), batch_size=4), pairs)
+
+
 def test_bad_preference_files_are_refused_with_the_line(tmp_path):
     tok = make_char_tokenizer()
     bad = tmp_path / "bad.jsonl"

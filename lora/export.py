@@ -27,7 +27,9 @@ from .models import EMBEDDED_MODELS, SOURCE_INFO, converted_folder, require_gguf
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-_WEIGHT_FILES = re.compile(r"^(model.*\.safetensors|model\.safetensors\.index\.json|pytorch_model.*\.bin)$")
+# Weight files of any layout (Mistral's consolidated.safetensors too): never copied next to the merged weights,
+# where a loader that prefers them would serve the unmerged base
+_WEIGHT_FILES = re.compile(r"^(.*\.(safetensors|bin|pt|pth|ckpt|gguf)|.*\.index\.json)$")
 
 
 def resolve_base_folder(model: str | os.PathLike) -> Path:
@@ -60,7 +62,7 @@ def _weight_files(folder: Path) -> list[str]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return [p.name for p in sorted(folder.glob("*.safetensors"))]
+    return [p.name for p in sorted(folder.glob("model*.safetensors"))]  # Hugging Face's names, not consolidated.*
 
 
 class BaseWeights(Mapping):

@@ -42,6 +42,15 @@ def test_merged_folder_loads_with_transformers_and_matches(tmp_path, name):
         assert AutoTokenizer.from_pretrained(out).chat_template == tok.chat_template
 
 
+def test_the_merged_folder_takes_no_other_weight_files_from_the_base(tmp_path):
+    base_and_adapter(tmp_path, make_llama)
+    (tmp_path / "base" / "consolidated.safetensors").write_bytes(b"Mistral's own copy of the unmerged weights")
+    (tmp_path / "base" / "params.txt").write_text("kept")
+    merged = export_merged(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", verify=False)
+    names = {p.name for p in merged.iterdir()}
+    assert "consolidated.safetensors" not in names and "params.txt" in names and "model.safetensors" in names
+
+
 def test_merged_folder_is_sharded_above_the_limit(tmp_path):
     tok = make_bpe_tokenizer()
     tokens, expected = base_and_adapter(tmp_path, lambda: make_llama_for(tok), tok)

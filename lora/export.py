@@ -52,7 +52,7 @@ def resolve_base_folder(model: str | os.PathLike) -> Path:
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a Hugging Face model folder (no config.json); pass a folder written by "
                          f"save_pretrained, or an embedded name such as {sorted(EMBEDDED_MODELS)[0]!r}")
-    if not list(path.glob("*.safetensors")):
+    if not list(path.glob("model*.safetensors")):
         raise ValueError(f"{path} has no safetensors weights; re-save the model with save_pretrained "
                          f"(safe_serialization=True)")
     return path

@@ -225,14 +225,17 @@ def check_base_fingerprint(where, raw: dict[str, Any], sample: Callable[[str], l
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
-# What an adapter folder holds (ours, or PEFT's with its model card and old pickle): saving replaces these only.
-ADAPTER_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin", "README.md"})
+def _adapter_files(path: Path) -> Callable[[str], bool]:
+    """What saving may replace in folder ``path``: an adapter's files (ours, or PEFT's old pickle), and a README.md
+    only beside an adapter config (PEFT's model card), not a folder's own README."""
+    is_adapter = (path / CONFIG_NAME).is_file()
+    return lambda name: name in (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin") or (name == "README.md" and is_adapter)
 
 
 def check_adapter_folder(path: str | os.PathLike) -> None:
     """Refuse an adapter folder path that is an existing file, or a folder holding anything but an adapter (saving
     replaces the folder), before anything is computed or gathered."""
-    refuse_foreign(path, ADAPTER_FILES.__contains__)
+    refuse_foreign(path, _adapter_files(Path(path)))
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default",
@@ -268,7 +271,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     tensors = {k: v.to("cpu", torch.float32).contiguous() if v.is_floating_point() else v.cpu().contiguous()
                for k, v in tensors.items()}
 
-    with atomic_dir(path, owns=ADAPTER_FILES.__contains__) as tmp:
+    with atomic_dir(path, owns=_adapter_files(path)) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path

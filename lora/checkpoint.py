@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import random
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapter_io import read_on_save, save_adapter
-from .atomic import atomic_dir
+from .atomic import atomic_dir, remove_leftovers
 from .inject import adapters_of
 
 
@@ -199,6 +200,8 @@ class RunShape:
     processes: int
     batch_size: int
     grad_accum: int
+    # None in checkpoints from before it was saved, when an epoch's last partial step was dropped
+    steps_per_epoch: int | None = None
 
     @property
     def rows_per_step(self) -> int:
@@ -224,18 +227,21 @@ class Checkpoints:
     def all(self) -> list[Path]:
         """Complete checkpoints, oldest first (names are zero-padded step numbers; ``atomic_dir`` renames a
         checkpoint into place only once it is whole)."""
+        remove_leftovers(self.folder)  # a writer killed between its renames: put the step it replaced back first
         return sorted(self.folder.glob("step-*"))
 
     def latest(self) -> Path | None:
         done = self.all()
         return done[-1] if done else None
 
-    def clear(self) -> list[Path]:
-        """Delete every checkpoint (an earlier run's, before a fresh run writes its own); returns what was there."""
-        done = self.all()
-        for path in done:
-            shutil.rmtree(path)
-        return done
+    def set_aside(self) -> tuple[list[Path], Path]:
+        """Move every checkpoint (an earlier run's, before a fresh run writes its own) into the sibling folder
+        ``<folder>.earlier``, replacing what an earlier fresh run put there; returns the checkpoints and that folder."""
+        done, aside = self.all(), self.folder.with_name(self.folder.name + ".earlier")
+        if done:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(self.folder, aside)
+        return done, aside
 
     def save(self, step: int, model: nn.Module, optim_state: tuple[dict[str, torch.Tensor], dict] | None,
              adapter: str, rng: dict[str, Any], rng_tensors: dict[str, torch.Tensor], state: dict[str, Any],
@@ -286,9 +292,13 @@ class Checkpoints:
             ValueError: the checkpoint belongs to a run of another length or batch, or holds other parameters.
         """
         state = json.loads((path / "trainer_state.json").read_text())
+        saved_epoch = state.get("shape", {}).get("steps_per_epoch")  # None: written before it was saved
         if state["total_steps"] != shape.total_steps:
+            older = "" if saved_epoch is not None else (
+                " (or the checkpoint is from an older version, whose epochs left out their last partial step: "
+                "then set resume=False)")
             raise ValueError(f"checkpoint {path} was for a run of {state['total_steps']} steps, this one has "
-                             f"{shape.total_steps}; keep the data and epochs/max_steps the same to resume")
+                             f"{shape.total_steps}; keep the data and epochs/max_steps the same to resume{older}")
         if "shape" in state:
             saved = RunShape(**state["shape"])
             if saved.rows_per_step != shape.rows_per_step:
@@ -296,6 +306,10 @@ class Checkpoints:
                     f"checkpoint {path} was written by a run taking {saved.describe()}; this one takes "
                     f"{shape.describe()}, so every later step would see other rows. Resume with processes x "
                     f"batch_size x grad_accum = {saved.rows_per_step}, or set resume=False")
+        if None not in (saved_epoch, shape.steps_per_epoch) and saved_epoch != shape.steps_per_epoch:
+            raise ValueError(f"checkpoint {path} was written by a run of {saved_epoch} steps per epoch, this one "
+                             f"has {shape.steps_per_epoch}, so its steps would see other rows; keep the data, "
+                             f"batch_size and grad_accum the same to resume, or set resume=False")
         if state["optimizer"] is None:
             raise ValueError(f"checkpoint {path} was written under DeepSpeed, whose engine keeps the optimizer "
                              f"state partitioned across processes, and holds none, so it cannot resume exactly; its "

@@ -15,6 +15,7 @@ import struct
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,8 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 # Weight files of any layout (Mistral's consolidated.safetensors too): never copied next to the merged weights,
 # where a loader that prefers them would serve the unmerged base
 _WEIGHT_FILES = re.compile(r"^(.*\.(safetensors|bin|pt|pth|ckpt|gguf)|.*\.index\.json)$")
+# What an earlier merged export wrote (shards counted otherwise), which a new one replaces
+_EXPORTED_WEIGHTS = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json)$")
 
 
 def resolve_base_folder(model: str | os.PathLike) -> Path:
@@ -53,8 +56,8 @@ def resolve_base_folder(model: str | os.PathLike) -> Path:
         raise ValueError(f"{path} is not a Hugging Face model folder (no config.json); pass a folder written by "
                          f"save_pretrained, or an embedded name such as {sorted(EMBEDDED_MODELS)[0]!r}")
     if not list(path.glob("model*.safetensors")):
-        raise ValueError(f"{path} has no safetensors weights; re-save the model with save_pretrained "
-                         f"(safe_serialization=True)")
+        raise ValueError(f"{path} has no model*.safetensors weights (the Hugging Face layout); re-save the model with "
+                         f"save_pretrained (safe_serialization=True)")
     return path
 
 
@@ -182,7 +185,7 @@ def export_merged(model: str | os.PathLike, adapter: str | os.PathLike | None, o
     copied = {item.name for item in folder.iterdir() if item.is_file()}
 
     def owns(name: str) -> bool:  # an earlier export's files: its shards may be named otherwise
-        return name in copied or _WEIGHT_FILES.match(name) is not None
+        return name in copied or _EXPORTED_WEIGHTS.match(name) is not None
 
     refuse_foreign(out, owns)  # before the merge, not after it
     stream = merged_tensors(folder, adapter, check_base)
@@ -657,7 +660,8 @@ def export_adapter_gguf(model: str | os.PathLike, adapter: str | os.PathLike, ou
     return Path(out)
 
 
-def check_adapter_gguf(model: str | os.PathLike, adapter: str | os.PathLike, check_base: bool = True):
+def check_adapter_gguf(model: str | os.PathLike, adapter: str | os.PathLike,
+                       check_base: bool = True) -> tuple[Any, str, AdapterMerger, dict[str, str]]:
     """Everything :func:`export_adapter_gguf` refuses, checked before anything is written: returns the base's
     config and llama.cpp architecture, the adapter's :class:`AdapterMerger` and each weight's llama.cpp name."""
     gguf = require_gguf()

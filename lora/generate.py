@@ -115,6 +115,10 @@ def generate(model: nn.Module, tokenizer, prompt: str | Conversation | list[str 
         if len(adapter_names) != rows:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for {rows} prompts; give one adapter "
                              f"name (or None for the base model) per prompt")
+        if rows > 1 and not isinstance(prompt, torch.Tensor) and not _is_hf(model):
+            # a plain module reads padding as text (see below): each prompt alone, with its adapter
+            return [generate(model, tokenizer, p, max_new_tokens, temperature, top_k, top_p, seed, chat,
+                             eos_token_id, [name]) for p, name in zip(prompt, adapter_names)]
         with row_adapters(model, adapter_names):
             return generate(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat,
                             eos_token_id)
@@ -141,10 +145,6 @@ def generate(model: nn.Module, tokenizer, prompt: str | Conversation | list[str 
         ids, mask = _encode(tokenizer, prompts, chat, device)
         if not _is_hf(model) and not bool(mask.all()):
             # A plain module takes no attention mask and no positions: it would read the left padding as text.
-            if any(getattr(m, "row_adapters", None) is not None for m in model.modules()):
-                raise ValueError("prompts of different lengths with adapter_names need a model that takes an "
-                                 "attention mask (a Hugging Face model); give prompts of one length, or one call "
-                                 "per adapter")
             texts = [generate(model, tokenizer, p, max_new_tokens, temperature, top_k, top_p, seed, chat,
                               eos_token_id) for p in prompts]  # each prompt alone, unpadded
             return texts[0] if single else texts

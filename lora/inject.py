@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import ALL_LINEAR, LoraConfig
-from .layers import LoRALinear, RowGroups, SavedModule, is_linear_like
+from .config import ALL_LINEAR, RESIDUAL_INITS, LoraConfig
+from .layers import LoRALinear, RowGroups, SavedModule, is_linear_like, principal_init_problem
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -177,13 +177,15 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default") -> list[
     saved = _match_modules_to_save(model, cfg.modules_to_save, paths)
     _check_not_tied(model, saved, "in modules_to_save")
 
-    with unchanged_on_error(model):  # a layer that refuses the adapter (PiSSA's r, say) undoes the others
+    if cfg.init in RESIDUAL_INITS:  # every target asked before any is touched: no residual to undo, no rounding
+        for path in paths:
+            problem = principal_init_problem(model.get_submodule(path), cfg)
+            if problem:
+                raise ValueError(f"{path}: {problem}")
+    with unchanged_on_error(model):  # a layer that fails anyway undoes the ones already wrapped
         registry[adapter] = AdapterInfo(cfg, tuple(paths), tuple(saved))
         for path in paths:
-            try:
-                _wrapped(model, path, LoRALinear).add_adapter(adapter, cfg)
-            except ValueError as e:
-                raise ValueError(f"{path}: {e}") from None
+            _wrapped(model, path, LoRALinear).add_adapter(adapter, cfg)
         for path in saved:
             _wrapped(model, path, SavedModule).add_adapter(adapter)
     set_active(model, adapter)

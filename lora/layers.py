@@ -22,6 +22,22 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def principal_init_problem(layer: nn.Module, cfg) -> str | None:
+    """Why adapter config ``cfg`` (PiSSA/OLoRA) cannot start from the principal part of ``layer`` (a linear layer,
+    or one already wrapped), or None; :func:`lora.inject` asks every target before it wraps any."""
+    base = layer.base_layer if isinstance(layer, LoRALinear) else layer
+    if isinstance(layer, LoRALinear) and (layer.initial_factors or layer.merged_adapters):
+        return (f"init={cfg.init!r} rewrites the base weight into a residual; a layer can hold one such adapter, "
+                f"with nothing merged (remove or unmerge the others first)")
+    if hasattr(base.weight, "get_original_weight"):
+        return (f"init={cfg.init!r} rewrites the base weight into a residual, which a 4-bit base (quantize='nf4') "
+                f"cannot hold; use init='kaiming' or 'gaussian' with quantize='nf4'")
+    smaller = min(base.weight.shape)  # (out, in), or (in, out) for Conv1D
+    if cfg.r > smaller:
+        return f"init={cfg.init!r} needs r <= min(in, out) = {smaller}, got r={cfg.r}"
+    return None
+
+
 class RowGroups:
     """Which batch rows each adapter serves under :func:`lora.row_adapters`, worked out once for the whole model.
 
@@ -158,15 +174,9 @@ class LoRALinear(nn.Module):
     def _start_from_principal_part(self, name: str, cfg: LoraConfig) -> None:
         """PiSSA: ``scale B0 A0`` = the top-r singular part of W. OLoRA: ``B0 = Q[:, :r]``, ``A0 = R[:r]`` of W = QR.
         The base layer then holds ``W - scale B0 A0``, so the output is unchanged (up to rounding)."""
-        if self.initial_factors or self.merged_adapters:
-            raise ValueError(f"init={cfg.init!r} rewrites the base weight into a residual; a layer can hold one such "
-                             f"adapter, with nothing merged (remove or unmerge the others first)")
-        if hasattr(self.base_layer.weight, "get_original_weight"):
-            raise ValueError(f"init={cfg.init!r} rewrites the base weight into a residual, which a 4-bit base "
-                             f"(quantize='nf4') cannot hold; use init='kaiming' or 'gaussian' with quantize='nf4'")
-        if cfg.r > min(self.in_features, self.out_features):
-            raise ValueError(f"init={cfg.init!r} needs r <= min(in, out) = {min(self.in_features, self.out_features)}, "
-                             f"got r={cfg.r}")
+        problem = principal_init_problem(self, cfg)
+        if problem:
+            raise ValueError(problem)
         W = self._base_weight_view().float()  # (out, in)
         if cfg.init == "pissa":
             U, S, Vh = torch.linalg.svd(W, full_matrices=False)
@@ -247,23 +257,23 @@ class LoRALinear(nn.Module):
         weight.copy_((W.T if self.fan_in_fan_out else W).to(weight.dtype))
 
     def check_mergeable(self) -> None:
-        """Refuse to merge a DoRA adapter together with another one: DoRA's update is relative to the base weight
-        it is applied to, so on top of another adapter's merge it would no longer be the update the forward uses."""
-        merged = self.merged_adapters + [n for n in self.active_adapters if n not in self.merged_adapters]
-        dora = [n for n in merged if n in self.lora_magnitude_vector]
-        if dora and len(merged) > 1:
-            others = [n for n in merged if n != dora[0]]
-            raise ValueError(f"DoRA adapter {dora[0]!r} would be merged together with {others}: DoRA's update "
-                             f"depends on the base weight under it, so merged on top of another adapter it changes "
-                             f"the model's output. Merge it alone (lora.set_active(model, {dora[0]!r}), then merge)")
+        """Refuse to merge two DoRA adapters in one step: each one's update is relative to the base weight under it
+        (the forward's), and merged one after the other the second would be relative to the first's merge."""
+        dora = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_magnitude_vector]
+        if len(dora) > 1:
+            raise ValueError(f"DoRA adapters {dora} would be merged in one step, but each one's update depends on "
+                             f"the base weight under it; merge them one at a time (lora.set_active(model, "
+                             f"{dora[0]!r}), lora.merge(model), then lora.set_active(model, {dora}) and merge again)")
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add every active, not yet merged adapter into the base weight (fp32 math, one cast back). Idempotent."""
+        """Add every active, not yet merged adapter into the base weight (fp32 math, one cast back). Idempotent.
+
+        A DoRA adapter goes first: the forward computes its update against the base weight without the other
+        adapters of this step, and plain updates do not depend on the base."""
         self.check_mergeable()
-        for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters]
+        for name in sorted(pending, key=lambda n: n not in self.lora_magnitude_vector):  # stable: DoRA first
             W = self._base_weight_view().float()
             A, B, scale, magnitude = self._factors(name)
             if magnitude is not None:

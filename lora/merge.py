@@ -17,7 +17,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Add every active adapter into its base weight, in place (fp32 math, one cast back). Idempotent.
 
     Raises:
-        ValueError: a DoRA adapter would be merged together with another adapter (checked before any layer changes).
+        ValueError: two DoRA adapters would be merged in one step (checked before any layer changes).
     """
     layers = [layer for _, layer in lora_layers(model)]
     for layer in layers:

@@ -144,7 +144,8 @@ def quantize_nf4(model: nn.Module) -> nn.Module:
     if not layers:
         kinds = sorted({type(m).__name__ for m in model.modules() if is_linear_like(m) and m is not head})
         raise ValueError(f"quantize='nf4' found no nn.Linear layer to store in 4 bits in this model (its linear "
-                         f"layers are {kinds}; GPT-2's Conv1D is not quantized); load it without quantize")
+                         f"layers are {kinds}: GPT-2's Conv1D is not quantized, nor a weight whose size is not a "
+                         f"multiple of NF4's block of 64); load it without quantize")
     for module in layers:
         weight = module.weight.detach()
         blocks = weight.numel() // 64

@@ -239,15 +239,17 @@ def _configure_deepspeed(accelerator: Any, cfg: TrainConfig) -> None:
     accelerator.gradient_accumulation_steps = cfg.grad_accum  # else accelerate warns and takes DeepSpeed's
 
 
-def _check_lengths(examples: list[dict], seq_len: int, what: str) -> None:
+def _check_lengths(examples: list[dict], seq_len: int) -> None:
     """Refuse examples longer than ``seq_len`` (packed or padded): cutting or dropping them is the loader's job."""
     lengths = [max(len(ex[k]["input_ids"]) for k in ("chosen", "rejected")) if "chosen" in ex else len(ex["input_ids"])
                for ex in examples]
     over = [n for n in lengths if n > seq_len]
     if over:
-        raise ValueError(f"{len(over)} {what} example(s) are longer than seq_len={seq_len} tokens (the longest: "
-                         f"{max(over)}); load the data with max_length=seq_len (lora.load_dataset then truncates or "
-                         f"drops them, as overlong says), or raise seq_len")
+        loader = ("load the pairs with lora.dpo.load_preferences(..., max_length=seq_len)" if "chosen" in examples[0]
+                  else "load the data with max_length=seq_len (lora.load_dataset then truncates or drops them, as "
+                       "overlong says)")
+        raise ValueError(f"{len(over)} training example(s) are longer than seq_len={seq_len} tokens (the longest: "
+                         f"{max(over)}); {loader}, or raise seq_len")
 
 
 # What a resumed run must share with the checkpoint's (the batch shape and length are checked by Checkpoints.load,
@@ -370,7 +372,7 @@ class Trainer:
                              f"{adapter_cfg.bias!r} trains the base's own biases, so the reference would drift "
                              f"as training goes; inject the adapter with bias='none' for preference data")
         self.classification = self.task == "classification"
-        _check_lengths(train_data, config.seq_len, "training")
+        _check_lengths(train_data, config.seq_len)
         if pad_id is None:
             pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
         self.pad_id = 0 if pad_id is None else int(pad_id)
@@ -599,7 +601,7 @@ class Trainer:
             self._resume(latest)
         else:
             if not cfg.resume:
-                self._clear_earlier_run()
+                self._set_earlier_run_aside()
             torch.manual_seed(cfg.seed)  # dropout draws
         if cfg.logger == "tensorboard":
             acc.init_trackers("lora", config={k: v for k, v in dataclasses.asdict(cfg).items()
@@ -736,18 +738,19 @@ class Trainer:
                 f"best {early.best_loss:.4f} at step {early.best_step}")
         return loss
 
-    def _clear_earlier_run(self) -> None:
-        """A fresh run (``resume=False``) in an ``output_dir`` that holds an earlier run's checkpoints starts without
-        them: otherwise rotation would keep the earlier run's higher steps over this run's, and a later
-        ``resume=True`` would continue the earlier run."""
+    def _set_earlier_run_aside(self) -> None:
+        """A fresh run (``resume=False``) in an ``output_dir`` that holds an earlier run's checkpoints moves them
+        aside first: otherwise rotation would keep the earlier run's higher steps over this run's, and a later
+        ``resume=True`` would continue the earlier run. Aside, not deleted: a re-run that meant resume=True can
+        still get them back."""
         acc = self.accelerator
         if acc.is_main_process:
-            removed = self.checkpoints.clear()
-            if removed:
-                names = ", ".join(p.name for p in removed)
-                print(f"{self.checkpoint_dir()} held an earlier run's checkpoints ({names}): removed, as this run "
-                      f"starts afresh (resume=False). To continue that run instead, pass resume=True; to keep both, "
-                      f"give this run another output_dir", flush=True)
+            moved, aside = self.checkpoints.set_aside()
+            if moved:
+                names = ", ".join(p.name for p in moved)
+                print(f"{self.checkpoint_dir()} held an earlier run's checkpoints ({names}): moved to {aside}, as "
+                      f"this run starts afresh (resume=False). To continue that run instead, move them back and pass "
+                      f"resume=True; to keep both runs, give each its own output_dir", flush=True)
         acc.wait_for_everyone()
 
     def _keep_best(self) -> None:
@@ -800,7 +803,7 @@ class Trainer:
         return self.checkpoints.latest()
 
     def _shape(self) -> RunShape:
-        return RunShape(self.total_steps, self.world, self.cfg.batch_size, self.cfg.grad_accum)
+        return RunShape(self.total_steps, self.world, self.cfg.batch_size, self.cfg.grad_accum, self.steps_per_epoch)
 
     def save_checkpoint(self) -> Path:
         """Write adapter + optimizer + RNG + data position for the current step, atomically; keep the newest N.
@@ -847,17 +850,17 @@ class Trainer:
         state = Checkpoints.load(latest, self.model, self.optimizer, self._shape(), self.accelerator.process_index)
         self.step, self.history = state["step"], state["history"]
         if self.early_stopping is not None:
-            if "early_stopping" not in state:
-                raise ValueError(f"checkpoint {latest} was written without a validation split, and this run has "
-                                 f"validation_split={self.cfg.validation_split}; resume with the same settings, or "
-                                 f"set resume=False")
             self.early_stopping.load(state["early_stopping"], state["best_weights"])
 
     def _check_same_settings(self, latest: Path) -> None:
         """Refuse to resume under settings that change what the steps compute: a resumed run repeats the
         interrupted one exactly, and the saved optimizer groups would otherwise keep some old values silently."""
-        saved = json.loads((latest / "trainer_state.json").read_text()).get("config", {})
-        now = dataclasses.asdict(self.cfg)
+        state = json.loads((latest / "trainer_state.json").read_text())
+        if self.early_stopping is not None and "early_stopping" not in state:
+            raise ValueError(f"checkpoint {latest} was written without a validation split, and this run has "
+                             f"validation_split={self.cfg.validation_split}; resume with the same settings, or "
+                             f"set resume=False")
+        saved, now = state.get("config", {}), dataclasses.asdict(self.cfg)
         changed = [key for key in _RUN_SETTINGS if key in saved and saved[key] != now[key]]
         if changed:
             then = ", ".join(f"{k}={saved[k]!r}" for k in changed)

@@ -90,6 +90,10 @@ def test_save_replaces_an_adapter_folder_but_never_deletes_other_files(tmp_path,
     (tmp_path / "ad" / "README.md").write_text("PEFT's model card")
     lora.save_adapter(llama, tmp_path / "ad")  # an adapter folder (PEFT's too) is replaced whole
     assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / "README.md").write_text("what this folder is for")  # not an adapter's model card
+    with pytest.raises(ValueError, match=r"already holds \['README.md'\]"):
+        lora.save_adapter(llama, tmp_path / "adapters")
 
 
 def test_missing_and_corrupt_files_give_clear_errors(tmp_path, llama):

@@ -104,10 +104,12 @@ def test_export_refuses_to_replace_a_folder_holding_files_it_did_not_write(tmp_p
     base_and_adapter(tmp_path, lambda: make_llama_for(tok), tok)
     project = tmp_path / "project"
     (project / "src").mkdir(parents=True)
-    (project / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match=r"already holds \['notes.txt', 'src'\].*would delete them"):
+    for name in ("notes.txt", "llama-3-8b.Q4_K_M.gguf", "finetune.pt"):  # weight files of its own too
+        (project / name).write_text("mine")
+    with pytest.raises(ValueError, match=r"already holds \['finetune.pt', 'llama-3-8b.Q4_K_M.gguf', 'notes.txt', "
+                                         r"'src'\].*would delete them"):
         export_merged(tmp_path / "base", tmp_path / "adapter", project)
-    assert sorted(p.name for p in project.iterdir()) == ["notes.txt", "src"]
+    assert sorted(p.name for p in project.iterdir()) == ["finetune.pt", "llama-3-8b.Q4_K_M.gguf", "notes.txt", "src"]
     (tmp_path / "file").write_text("mine")
     with pytest.raises(ValueError, match="file is a file; give a folder path"):
         export_merged(tmp_path / "base", tmp_path / "adapter", tmp_path / "file")

@@ -6,7 +6,7 @@ from torch import nn
 
 import lora
 from lora.generate import filter_logits, generate
-from conftest import make_llama_for
+from conftest import make_llama_for, randomize_adapters
 from tiny_gpt import TinyGPT
 
 
@@ -95,6 +95,15 @@ def test_batched_text_prompts_of_different_lengths_equal_one_by_one_on_a_plain_m
     prompts = ["hi", "a longer prompt"]
     single = [lora.generate(model, char_tokenizer, p, max_new_tokens=6, temperature=0, chat=False) for p in prompts]
     assert lora.generate(model, char_tokenizer, prompts, max_new_tokens=6, temperature=0, chat=False) == single
+    for name in ("a", "b"):  # and with an adapter per prompt
+        lora.inject(model, lora.LoraConfig(r=4), adapter=name)
+    randomize_adapters(model, std=0.5)
+    alone = []
+    for prompt, name in zip(prompts, ("b", "a")):
+        lora.set_active(model, name)
+        alone.append(lora.generate(model, char_tokenizer, prompt, max_new_tokens=6, temperature=0, chat=False))
+    assert lora.generate(model, char_tokenizer, prompts, max_new_tokens=6, temperature=0, chat=False,
+                         adapter_names=["b", "a"]) == alone
 
 
 def test_a_finished_row_leaves_the_batch_and_the_others_answer_as_they_would_alone(char_tokenizer):

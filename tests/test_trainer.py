@@ -149,8 +149,10 @@ def test_a_fresh_run_in_an_earlier_runs_output_dir_keeps_only_its_own_checkpoint
     Trainer(model, cfg, examples).train()
     model, _, examples, cfg = setup(tmp_path, seed=1, max_steps=3, save_every=2, keep_checkpoints=2, batch_size=2)
     result = Trainer(model, cfg, examples).train()
-    assert "held an earlier run's checkpoints (step-0000004, step-0000006): removed" in capsys.readouterr().out
+    assert "held an earlier run's checkpoints (step-0000004, step-0000006): moved to" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+    aside = tmp_path / "out" / "checkpoints.earlier"  # not deleted: a re-run that forgot resume=True loses nothing
+    assert sorted(p.name for p in aside.iterdir()) == ["step-0000004", "step-0000006"]
     saved = load_file(Path(result.checkpoint) / "adapter" / "adapter_model.safetensors")
     mine = {k: v.float() for k, v in lora.adapter_state_dict(model).items()}
     assert saved.keys() == mine.keys() and all(torch.equal(saved[k], mine[k]) for k in saved)
@@ -234,6 +236,10 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     model, _, examples, cfg = setup(tmp_path, max_steps=3, batch_size=2, resume=True)
     with pytest.raises(ValueError, match="was for a run of 2 steps, this one has 3"):
         Trainer(model, cfg, examples).train()
+    # other data, the same number of steps: each step would see other rows
+    model, _, examples, cfg = setup(tmp_path, max_steps=2, batch_size=2, resume=True)
+    with pytest.raises(ValueError, match="run of 12 steps per epoch, this one has 6, so its steps would see other rows"):
+        Trainer(model, cfg, examples[:24]).train()
     # settings the saved optimizer groups would have kept silently (weight_decay), or that change the data order
     model, _, examples, cfg = setup(tmp_path, max_steps=2, batch_size=2, resume=True, weight_decay=0.5, seed=5)
     before = {k: v.clone() for k, v in lora.adapter_state_dict(model).items()}

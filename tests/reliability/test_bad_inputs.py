@@ -438,7 +438,8 @@ def _(tmp):
     return lambda: export_merged(tmp / "nope", folder, tmp / "exports" / "merged")
 
 
-@row("export-merged-base-without-safetensors", r"has no safetensors weights", r"re-save the model with save_pretrained")
+@row("export-merged-base-without-safetensors", r"has no model\*\.safetensors weights",
+     r"re-save the model with save_pretrained")
 def _(tmp):
     from lora.export import export_merged
 

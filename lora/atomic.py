@@ -127,7 +127,7 @@ def _refuse_file(path: Path) -> None:
         raise ValueError(f"{path} is a file; give a folder path to write to")
 
 
-def foreign_entries(path: str | os.PathLike, owns: Callable[[str], bool]) -> list[str]:
+def _foreign_entries(path: str | os.PathLike, owns: Callable[[str], bool]) -> list[str]:
     """What in folder ``path`` a writer that ``owns`` those names did not put there, sorted (none if it is absent).
 
     Raises:
@@ -141,7 +141,7 @@ def foreign_entries(path: str | os.PathLike, owns: Callable[[str], bool]) -> lis
 def refuse_foreign(path: str | os.PathLike, owns: Callable[[str], bool]) -> None:
     """Refuse to replace folder ``path`` while it holds anything but what its writer ``owns``: replacing the
     folder would delete the rest (a run's checkpoints, a project's files)."""
-    foreign = foreign_entries(path, owns)
+    foreign = _foreign_entries(path, owns)
     if foreign:
         raise ValueError(f"{path} already holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which this "
                          f"writer did not make; writing here replaces the whole folder and would delete them. "
@@ -203,4 +203,4 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-__all__ = ["atomic_dir", "atomic_file", "foreign_entries", "refuse_foreign", "remove_leftovers"]
+__all__ = ["atomic_dir", "atomic_file", "refuse_foreign", "remove_leftovers"]

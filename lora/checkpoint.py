@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import random
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any

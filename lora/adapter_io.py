@@ -335,6 +335,11 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Any], d
 
 def _check_tensors(weights_file: Path, cfg: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse tensors no LoRA adapter holds: foreign keys, non-float or non-finite values, A/B of another rank."""
+    embedding = [k for k in tensors if ".lora_embedding_" in k]
+    if embedding:
+        raise ValueError(f"{weights_file} adapts an embedding layer ({embedding[0]}), which this library does not "
+                         f"support (LoRA wraps linear layers); load it with PEFT, or retrain without the embedding "
+                         f"among target_modules")
     bad = [k for k in tensors if not k.startswith(PEFT_PREFIX)]
     if bad:
         raise ValueError(f"{weights_file} has keys without PEFT's '{PEFT_PREFIX}' prefix, e.g. {bad[:3]}; it is "

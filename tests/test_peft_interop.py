@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lora
+from lora.inject import adapters_of
 from conftest import make_gpt2, make_llama, randomize_adapters
 
 CASES = {
@@ -115,6 +116,15 @@ def test_a_classifier_adapter_trained_with_peft_loads_with_its_head(tmp_path, to
     ours = make_llama_classifier()
     lora.load_adapter(ours, tmp_path / "ad")
     torch.testing.assert_close(ours(tokens).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_peft_adapter_on_the_embedding_is_refused_as_unsupported(tmp_path):
+    theirs = peft.get_peft_model(make_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    theirs.save_pretrained(tmp_path / "ad")
+    ours = make_llama()
+    with pytest.raises(ValueError, match=r"adapts an embedding layer .*lora_embedding_A.*does not support"):
+        lora.load_adapter(ours, tmp_path / "ad")
+    assert not adapters_of(ours)
 
 
 def test_task_type_of_causal_and_plain_models(tmp_path):

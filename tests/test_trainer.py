@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -26,7 +27,10 @@ def write_task(path: Path, n: int = 48) -> Path:
     rows = [{"instruction": "Reverse", "input": WORDS[i % len(WORDS)], "output": WORDS[i % len(WORDS)][::-1]}
             for i in range(n)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # renamed into place: processes of one run write it at once, and none may read it half-written
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
     return path
 
 

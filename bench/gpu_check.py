@@ -22,7 +22,8 @@ import torch
 import lora
 from lora.data import load_dataset, prompts_and_answers
 from lora.generate import exact_match
-from lora.trainer import TrainConfig, Trainer, _mixed_precision
+from lora.train import TrainConfig, Trainer
+from lora.train.setup import mixed_precision
 
 
 def run(precision: str, examples, out: str) -> tuple[float, float, object]:
@@ -45,16 +46,16 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: run this on a GPU machine")
     expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    assert _mixed_precision("auto") == expected, _mixed_precision("auto")
+    assert mixed_precision("auto") == expected, mixed_precision("auto")
     print(f"auto precision on {torch.cuda.get_device_name()}: {expected}")
     _, tokenizer = lora.load_model("smollm2-135m")
-    examples, _ = load_dataset("recipes/data/extract_train.jsonl", tokenizer, max_length=512)
+    examples, _ = load_dataset("lora/recipes/data/extract_train.jsonl", tokenizer, max_length=512)
     with tempfile.TemporaryDirectory() as tmp:
         start32, end32, _ = run("fp32", examples, f"{tmp}/fp32")
         start_mp, end_mp, model = run("auto", examples, f"{tmp}/auto")
     assert end32 < 0.5 * start32 and end_mp < 0.5 * start_mp, "training did not learn"
     assert abs(end_mp - end32) <= 0.1 * max(end32, 1e-3) + 0.02, (end32, end_mp)
-    prompts, answers = prompts_and_answers("recipes/data/extract_eval.jsonl")
+    prompts, answers = prompts_and_answers("lora/recipes/data/extract_eval.jsonl")
     with torch.autocast("cuda", dtype=torch.bfloat16 if expected == "bf16" else torch.float16):
         _, unmerged = exact_match(model, tokenizer, prompts[:16], answers[:16])
         lora.merge(model)

@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lora  # noqa: E402
-from lora.attention import packed_rows, use_packed_attention  # noqa: E402
+from lora.train.attention import packed_rows, use_packed_attention  # noqa: E402
 from lora.data import collate, join_rows, load_dataset, pack  # noqa: E402
 from lora.inject import disabled  # noqa: E402
-from lora.objective import BatchLoss  # noqa: E402
+from lora.train.objective import BatchLoss  # noqa: E402
 
 
 def seconds(fn, reps: int = 2) -> float:

@@ -70,7 +70,7 @@ import json, resource, sys, time, torch
 sys.path.insert(0, {root!r})
 import lora
 from lora.data import load_dataset
-from lora.trainer import Trainer, TrainConfig
+from lora.train import Trainer, TrainConfig
 model, tok = lora.load_model("smollm2-135m", quantize={quantize!r})
 linear_bytes = 0
 for m in model.modules():

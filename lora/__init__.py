@@ -20,19 +20,20 @@ if not (torch.cuda.is_available() or torch.backends.mps.is_available()
 from .adapter_io import adapter_state_dict, load_adapter, save_adapter
 from .combine import combine_adapters
 from .config import LoraConfig
-from .dpo import dpo_loss
 from .generate import generate
 from .inject import disabled, inject, parameter_count, remove_adapter, row_adapters, set_active
 from .layers import LoRALinear
 from .merge import merge, merge_and_unload, merge_state_dict, unmerge
 from .models import load_model
-from .trainer import TrainConfig, Trainer, TrainResult
+from .tokens import add_tokens
+from .train import TrainConfig, Trainer, TrainResult, dpo_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig",
     "LoRALinear",
+    "add_tokens",
     "inject",
     "remove_adapter",
     "disabled",

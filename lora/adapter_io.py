@@ -1,8 +1,11 @@
 """Adapter files in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Keys are ``base_model.model.<module path>.lora_A.weight`` (``r x in``), ``...lora_B.weight`` (``out x r``),
-``...lora_magnitude_vector`` (DoRA), and the model's own keys for trained biases and ``modules_to_save`` modules,
-all prefixed ``base_model.model.``, with no adapter name inside. See ``adapters/README.md``.
+``...lora_magnitude_vector`` (DoRA), ``...lora_embedding_A`` / ``...lora_embedding_B`` (an embedding),
+``...token_adapter.trainable_tokens_delta`` (trainable vocabulary rows), and the model's own keys for trained biases
+and ``modules_to_save`` modules, all prefixed ``base_model.model.``, with no adapter name inside. A parameter adapter
+(``target_parameters``) sits at its module's path, ``.base_layer`` once more for each parameter of the same module
+targeted after it, as PEFT nests them. See ``adapters/README.md``.
 """
 
 from __future__ import annotations
@@ -19,11 +22,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import model_card
 from .atomic import atomic_dir, refuse_foreign
 from .config import RESIDUAL_INITS, LoraConfig
-from .inject import adapters_of, inject, lora_layers, set_active, set_trainable, unchanged_on_error
+from .inject import adapter_modules, adapters_of, inject, lora_layers, set_active, set_trainable, unchanged_on_error
+from .layers import LoRALinear, LoRAParameter, SavedModule
+from .tokens import ADDED_TOKENS_KEY, added_tokens
 
 PEFT_PREFIX = "base_model.model."
+# Ours, beside PEFT's target_parameters (which we write in PEFT's nesting order): the parameters whose experts module
+# stores them (experts, in, out), so that a merge without the model computes each update in the stored layout.
+TRANSPOSED_KEY = "transposed_parameters"
+TOKEN_ROWS = ".token_adapter.trainable_tokens_delta"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FINGERPRINT_KEY = "base_model_fingerprint"
@@ -46,15 +56,18 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
     """
     info = _adapter_info(model, adapter)
     out: dict[str, torch.Tensor] = {}
-    for path, layer in lora_layers(model):
-        if adapter not in layer.lora_A:
+    for path, module in adapter_modules(model):  # LoRA layers, embeddings, trainable vocabulary rows
+        if isinstance(module, (SavedModule, LoRAParameter)) or adapter not in module.adapters:
             continue
-        out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter].weight.detach()
-        out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter].weight.detach()
-        if adapter in layer.lora_magnitude_vector:
-            out[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter].detach()
+        for name, t in module.adapter_tensors(adapter).items():
+            out[f"{PEFT_PREFIX}{path}.{name}"] = t.detach()
+    wrappers = parameter_wrappers(model)
+    for full, key_path in parameter_key_paths(model, info.parameter_paths).items():
+        for name, t in wrappers[full].adapter_tensors(adapter).items():
+            out[f"{PEFT_PREFIX}{key_path}.{name}"] = t.detach()
     if info.config.bias != "none":
-        wrapped = {path for path, layer in lora_layers(model) if adapter in layer.lora_A}
+        wrapped = {path for path, layer in lora_layers(model)
+                   if isinstance(layer, LoRALinear) and adapter in layer.adapters}
         for name, p in model.named_parameters():
             if not (name == "bias" or name.endswith(".bias")):
                 continue
@@ -64,6 +77,42 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
     for path in info.saved_module_paths:  # the adapter's own trained copy, under the module's own keys (PEFT's)
         for name, t in model.get_submodule(path).modules_to_save[adapter].state_dict().items():
             out[f"{PEFT_PREFIX}{path}.{name}"] = t.detach()
+    return out
+
+
+def parameter_wrappers(model: nn.Module) -> dict[str, LoRAParameter]:
+    """Every parameter wrapper by the parameter it adapts: ``<module path>.<name>``, with the module's path as the
+    model has it (where its outermost wrapper stands)."""
+    out = {}
+    for path, layer in lora_layers(model):
+        if isinstance(layer, LoRAParameter):
+            outer = path
+            while outer.endswith(".base_layer") and isinstance(model.get_submodule(outer[:-11]), LoRAParameter):
+                outer = outer[:-11]  # an inner wrapper of nested ones: its module is where the outer one stands
+            out[f"{outer}.{layer.parameter_name}"] = layer
+    return out
+
+
+def parameter_key_paths(model: nn.Module, parameter_paths) -> dict[str, str]:
+    """PEFT's module path for the adapter of each parameter in ``parameter_paths``.
+
+    PEFT wraps a module once per targeted parameter, in the order the module registered them, each wrapper around
+    the last: the last parameter's adapter is at the module's path, the one before at ``<path>.base_layer``, and so
+    on. Worked out from the adapter's own parameters, whatever other adapters nested here, so the keys are the ones
+    PEFT writes and reads for this adapter alone.
+    """
+    by_module: dict[str, list[str]] = {}
+    for full in parameter_paths:
+        path, _, name = full.rpartition(".")
+        by_module.setdefault(path, []).append(name)
+    out = {}
+    for path, names in by_module.items():
+        module = model.get_submodule(path)
+        owner = module.owner if isinstance(module, LoRAParameter) else module
+        order = [n for n, _ in owner.named_parameters(recurse=False)]
+        names.sort(key=order.index)
+        for i, name in enumerate(names):
+            out[f"{path}.{name}"] = ".".join([path] + ["base_layer"] * (len(names) - 1 - i))
     return out
 
 
@@ -82,8 +131,10 @@ def peft_task_type(model: nn.Module) -> str | None:
     its ``score``/``classifier`` head), a causal LM ``CAUSAL_LM``; any other module gets None (PEFT's plain
     wrapper, which calls the module as it is).
     """
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
 
     name = type(model).__name__
     if name in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
@@ -121,32 +172,44 @@ def fingerprint(target_paths, sample: Callable[[str], list[float]], dtype: torch
             "values": {path: sample(path) for path in _fingerprint_paths(target_paths)}}
 
 
+def _adapted(model: nn.Module) -> dict[str, nn.Module]:
+    """Every low-rank wrapper by the name fingerprints give its base tensor: a module path, or for a parameter
+    adapter ``<module path>.<parameter>``."""
+    return {path: layer for path, layer in lora_layers(model) if not isinstance(layer, LoRAParameter)} \
+        | parameter_wrappers(model)
+
+
+def _fingerprinted(info) -> list[str]:
+    return list(info.target_paths) + list(info.parameter_paths)
+
+
 def _live_base(model: nn.Module, target_paths) -> tuple[Callable[[str], list[float]], torch.dtype]:
-    """Fingerprint samples of a live model's base weights by module path, and the dtype they are stored in.
+    """Fingerprint samples of a live model's base weights by module path (or parameter path), and the dtype they
+    are stored in.
 
     A 4-bit base (``quantize="nf4"``) answers with the samples of the full-precision weights it was made from.
     """
-    layers = dict(lora_layers(model))
+    layers = _adapted(model)
 
     def sample(path: str) -> list[float]:
         kept = getattr(layers[path].base_layer, "full_precision_sample", None)
         return kept if kept is not None else fingerprint_sample(layers[path].base_weight())
 
-    return sample, layers[sorted(target_paths)[0]].base_layer.weight.dtype
+    return sample, layers[sorted(target_paths)[0]].base_parameter.dtype
 
 
 def read_on_save(module: nn.Module) -> list[nn.Parameter]:
     """The parameters under ``module`` that saving its adapters reads: the trainable ones, and the base weights
     that each adapter's fingerprint samples. A model sharded by DeepSpeed ZeRO-3 gathers just these to save (see
-    :func:`lora.checkpoint.whole_parameters`), not the whole base."""
+    :func:`lora.train.checkpoint.whole_parameters`), not the whole base."""
     wanted = {id(p): p for p in module.parameters() if p.requires_grad}
     for model in module.modules():
         adapters = model.__dict__.get("_lora_adapters")  # what adapters_of reads, without adding it
         if adapters:
-            layers = dict(lora_layers(model))
+            layers = _adapted(model)
             for info in adapters.values():
-                for path in _fingerprint_paths(info.target_paths):
-                    weight = layers[path].base_layer.weight
+                for path in _fingerprint_paths(_fingerprinted(info)):
+                    weight = layers[path].base_parameter
                     wanted[id(weight)] = weight
     return list(wanted.values())
 
@@ -239,14 +302,17 @@ def check_adapter_folder(path: str | os.PathLike) -> None:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default",
-                 base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter ``adapter`` as a PEFT-compatible folder (fp32 weights), atomically.
+                 base_model_name_or_path: str | None = None, card: dict[str, Any] | None = None) -> Path:
+    """Write adapter ``adapter`` as a PEFT-compatible folder (fp32 weights), atomically, with a model card.
 
     Args:
         model: A model with the adapter injected.
         path: Output folder; an existing adapter folder there is replaced only once the new one is complete.
         adapter: Which adapter to save.
         base_model_name_or_path: Recorded for PEFT/vLLM; defaults to the model's own ``name_or_path``.
+        card: What the run knew, for the model card (``README.md``, see :mod:`lora.model_card`): mappings under
+            ``"data"``, ``"training"`` and ``"metrics"``. The card is rewritten on every save; a failure to write
+            it warns and the adapter is saved without it.
 
     Returns:
         The folder written.
@@ -267,14 +333,52 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     if config["fan_in_fan_out"] and not all(layers[p].fan_in_fan_out for p in info.target_paths):
         warnings.warn("this adapter wraps both Conv1D and Linear layers; PEFT's single fan_in_fan_out flag cannot "
                       "describe that, so PEFT may load it wrongly (this library reads it correctly)")
-    config[FINGERPRINT_KEY] = base_fingerprint(model, info.target_paths)
+    if info.parameter_paths:  # the exact parameters, in PEFT's nesting order (PEFT itself reads them in any order)
+        wrappers = parameter_wrappers(model)
+        config["target_parameters"] = list(info.parameter_paths)
+        config[TRANSPOSED_KEY] = [p for p in info.parameter_paths if wrappers[p].transposed]
+    if info.token_paths:
+        config["trainable_token_indices"] = _peft_token_indices(model, info, adapter)
+    if added_tokens(model):  # the vocabulary this adapter was trained with: refused on the base without it
+        config[ADDED_TOKENS_KEY] = added_tokens(model)
+    config[FINGERPRINT_KEY] = base_fingerprint(model, _fingerprinted(info))
     tensors = {k: v.to("cpu", torch.float32).contiguous() if v.is_floating_point() else v.cpu().contiguous()
                for k, v in tensors.items()}
 
     with atomic_dir(path, owns=_adapter_files(path)) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _write_card(tmp, path, config, tensors, card)
     return path
+
+
+def _write_card(tmp: Path, path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                card: dict[str, Any] | None) -> None:
+    """The model card, written so that it never blocks a save: it is for people, the adapter is for programs."""
+    try:
+        model_card.write(tmp, config, sum(t.numel() for t in tensors.values()), (tmp / WEIGHTS_NAME).stat().st_size,
+                         card, display_folder=path)
+    except Exception as e:  # noqa: BLE001 - whatever went wrong in the card, the adapter is saved
+        warnings.warn(f"{path}: the model card (README.md) was not written ({type(e).__name__}: {e}); the adapter "
+                      f"itself is saved")
+
+
+def _input_embedding_path(model: nn.Module) -> str | None:
+    get_in = getattr(model, "get_input_embeddings", None)
+    embedding = get_in() if callable(get_in) else None
+    for path, module in model.named_modules():
+        if embedding is not None and (module is embedding or getattr(module, "base_layer", None) is embedding):
+            return path
+    return None
+
+
+def _peft_token_indices(model: nn.Module, info, adapter: str) -> list[int] | dict[str, list[int]]:
+    """PEFT's ``trainable_token_indices``: a list when only the input embedding owns rows (PEFT then adds a tied
+    head itself), else ``{module path: ids}`` for each module that owns rows (an untied head too)."""
+    ids = {path: list(model.get_submodule(path).token_indices[adapter]) for path in info.token_paths}
+    if list(ids) == [_input_embedding_path(model)]:
+        return next(iter(ids.values()))
+    return ids
 
 
 def _as_plain_delta(cfg: LoraConfig, adapter: str, layers: dict,
@@ -335,11 +439,6 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Any], d
 
 def _check_tensors(weights_file: Path, cfg: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse tensors no LoRA adapter holds: foreign keys, non-float or non-finite values, A/B of another rank."""
-    embedding = [k for k in tensors if ".lora_embedding_" in k]
-    if embedding:
-        raise ValueError(f"{weights_file} adapts an embedding layer ({embedding[0]}), which this library does not "
-                         f"support (LoRA wraps linear layers); load it with PEFT, or retrain without the embedding "
-                         f"among target_modules")
     bad = [k for k in tensors if not k.startswith(PEFT_PREFIX)]
     if bad:
         raise ValueError(f"{weights_file} has keys without PEFT's '{PEFT_PREFIX}' prefix, e.g. {bad[:3]}; it is "
@@ -353,8 +452,15 @@ def _check_tensors(weights_file: Path, cfg: LoraConfig, tensors: dict[str, torch
             raise ValueError(f"{weights_file}: {key} holds NaN or infinite values (training diverged); use an "
                              f"earlier checkpoint's adapter, or re-train with a lower learning_rate")
     for key, t in tensors.items():
-        is_a, is_b = key.endswith(".lora_A.weight"), key.endswith(".lora_B.weight")
-        if (is_a or is_b) and (t.dim() != 2 or t.shape[0 if is_a else 1] != cfg.r):
+        is_a = key.endswith((".lora_A.weight", ".lora_embedding_A"))
+        is_b = key.endswith((".lora_B.weight", ".lora_embedding_B"))
+        if not (is_a or is_b):
+            continue
+        rank = t.shape[0 if is_a else 1] if t.dim() == 2 else None
+        # a parameter adapter holds r rows (columns) per expert: a multiple of r
+        fits = rank == cfg.r or (rank is not None and cfg.target_parameters and ".lora_embedding_" not in key
+                                 and rank % cfg.r == 0)
+        if not fits:
             raise ValueError(f"{weights_file}: {key} has shape {tuple(t.shape)}, which is not of rank r={cfg.r} "
                              f"as adapter_config.json says (A is r x in, B is out x r); config and weights do "
                              f"not belong together, re-save the adapter")
@@ -397,6 +503,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         ValueError: unreadable folder, missing/unexpected/misshapen keys (each named), or a different base model.
     """
     cfg, raw, tensors = read_adapter(path)
+    _check_vocabulary(path, model, raw, cfg, tensors)
+    cfg = _rows_where_saved(path, cfg, raw, tensors)
+    tensors, matrices = _embedding_matrices(tensors)
     # PEFT lists both of its classifier head names ("classifier", "score") for every SEQ_CLS adapter, whatever the
     # model has; an entry the file holds no weights for has nothing to load
     keys = [k[len(PEFT_PREFIX):] for k in tensors]
@@ -409,28 +518,126 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
             raise ValueError(f"adapter {adapter!r} is already in the model with r={have.r}, alpha={have.alpha}, "
                              f"rslora={have.rslora}, dora={have.dora}, but {path} has r={cfg.r}, alpha={cfg.alpha}, "
                              f"rslora={cfg.rslora}, dora={cfg.dora}; load it under another adapter name")
-        wrapping = [layer for _, layer in lora_layers(model) if adapter in layer.lora_A]
-        if any(adapter in layer.merged_adapters for layer in wrapping):
+        wrapping = [layer for _, layer in adapter_modules(model) if adapter in layer.adapters
+                    and not isinstance(layer, SavedModule)]
+        if any(adapter in getattr(layer, "merged_adapters", ()) for layer in wrapping):
             # its old update stays in the base weights, and a later unmerge would subtract the new one instead
             raise ValueError(f"adapter {adapter!r} is merged into the base weights; call lora.unmerge(model) before "
                              f"loading {path} into it, or load it under another adapter name")
-        if any(adapter in layer.initial_factors for layer in wrapping):
+        if any(adapter in getattr(layer, "initial_factors", ()) for layer in wrapping):
             raise ValueError(f"adapter {adapter!r} started from the base's principal part (init={have.init!r}), so "
                              f"its layers hold a residual base; load {path} under another adapter name")
     with unchanged_on_error(model):  # a failed load leaves the user's model exactly as it was
-        paths = list(registry[adapter].target_paths) if adapter in registry else inject(model, cfg, adapter)
+        if adapter not in registry:
+            inject(model, cfg, adapter)
+        info = registry[adapter]
+        paths = list(info.target_paths) + list(info.parameter_paths)
         expected = adapter_state_dict(model, adapter)
         _check_keys(path, expected, tensors)
         if check_base:
-            check_base_fingerprint(path, raw, *_live_base(model, paths))
+            check_base_fingerprint(path, raw, *_live_base(model, _fingerprinted(info)))
+        matrices = _matrices_to_copy(path, model, matrices)
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key].to(target.dtype))
+        for weight, tensor in matrices:
+            weight.copy_(tensor.to(weight.dtype))
     set_active(model, adapter)
     set_trainable(model, adapter, trainable)
     return paths
 
 
+def _vocabulary_rows(model: nn.Module) -> int | None:
+    get_in = getattr(model, "get_input_embeddings", None)
+    embedding = get_in() if callable(get_in) else None
+    return getattr(embedding, "num_embeddings", None)
+
+
+def _check_vocabulary(path, model: nn.Module, raw: dict[str, Any], cfg: LoraConfig,
+                      tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse an adapter trained with a grown vocabulary on a model without it, saying what to do."""
+    rows = _vocabulary_rows(model)
+    if rows is None:
+        return
+    record = raw.get(ADDED_TOKENS_KEY)
+    if isinstance(record, dict) and record.get("vocab_size") and record["vocab_size"] != rows:
+        raise ValueError(f"adapter {path} was trained with the tokens {record.get('tokens')} added to its base "
+                         f"(lora.add_tokens: {record['vocab_size']} vocabulary rows), but this model has {rows}. "
+                         f"Add them first, with the base's tokenizer: lora.add_tokens(model, tokenizer, "
+                         f"{record.get('tokens')!r}), then load the adapter; or load the model lora merge wrote, "
+                         f"which has them")
+    token_ids = cfg.trainable_tokens or ()
+    ids = [i for _, group in token_ids for i in group] if token_ids and isinstance(token_ids[0], tuple) \
+        else list(token_ids)
+    columns = [t.shape[1] for k, t in tensors.items() if k.endswith(".lora_embedding_A")]
+    needed = max([i + 1 for i in ids] + columns, default=0)
+    if needed > rows:
+        raise ValueError(f"adapter {path} trains a vocabulary of at least {needed} rows, but this model's has {rows}: "
+                         f"it was trained after tokens were added. Add the same tokens to the tokenizer and grow "
+                         f"the model first (lora.add_tokens(model, tokenizer, [...]), or "
+                         f"model.resize_token_embeddings({needed})), then load the adapter")
+
+
+def _rows_where_saved(path, cfg: LoraConfig, raw: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LoraConfig:
+    """``trainable_tokens`` as the modules whose rows the file holds: PEFT's list form means the input embedding
+    alone (a tied head follows it), where ours trains an untied head too and says so with a mapping."""
+    owners = [k[len(PEFT_PREFIX):-len(TOKEN_ROWS)] for k in tensors if k.endswith(TOKEN_ROWS)]
+    indices = raw.get("trainable_token_indices")
+    if not indices:
+        if owners:
+            raise ValueError(f"{path} holds trainable token rows ({owners[0]}) but its config has no "
+                             f"trainable_token_indices; the folder is damaged, re-save the adapter")
+        return cfg
+    if not owners:
+        raise ValueError(f"{path}: adapter_config.json sets trainable_token_indices, but the weights hold no "
+                         f"'{TOKEN_ROWS[1:]}' rows; the file is incomplete, re-save the adapter")
+    rows = []
+    for owner in owners:
+        if isinstance(indices, dict):
+            ids = next((v for k, v in indices.items() if owner == k or owner.endswith("." + k)), None)
+            if ids is None:
+                raise ValueError(f"{path} holds trainable token rows for {owner}, which trainable_token_indices "
+                                 f"{sorted(indices)} does not name; re-save the adapter")
+        else:
+            ids = indices
+        rows.append((owner, tuple(ids)))
+    return cfg.replace(trainable_tokens=tuple(rows))
+
+
+def _embedding_matrices(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split off the whole embedding and head matrices PEFT saves beside an adapter on them
+    (``<path>.base_layer.weight``): they are the base's, not the adapter's."""
+    matrices = {k: t for k, t in tensors.items() if k.endswith(".base_layer.weight")}
+    return {k: t for k, t in tensors.items() if k not in matrices}, matrices
+
+
+def _matrices_to_copy(path, model: nn.Module,
+                      matrices: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """What PEFT's saved base matrices do to the model: nothing where they are the model's own, else they replace
+    them (as PEFT's loader does: a vocabulary grown and trained with PEFT carries its rows this way)."""
+    out = []
+    for key, tensor in matrices.items():
+        module_path = key[len(PEFT_PREFIX):-len(".base_layer.weight")]
+        try:
+            module = model.get_submodule(module_path)
+        except AttributeError:
+            raise ValueError(f"{path} holds {key}, but the model has no module {module_path}; it was trained on a "
+                             f"different model architecture") from None
+        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        if weight is None or weight.shape != tensor.shape:
+            raise ValueError(f"{path} holds the base matrix of {module_path} as {tuple(tensor.shape)}, but the model's "
+                             f"is {None if weight is None else tuple(weight.shape)}: it was saved for a model with "
+                             f"another vocabulary size. Grow this one first (model.resize_token_embeddings("
+                             f"{tensor.shape[0]}) with the tokens added to the tokenizer, or lora.add_tokens)")
+        if not torch.equal(weight.detach().cpu().to(tensor.dtype), tensor):
+            warnings.warn(f"{path} holds {module_path}'s whole base matrix (PEFT saves it beside an adapter on an "
+                          f"embedding or a grown vocabulary) and it differs from this model's: it replaces it, as "
+                          f"in PEFT")
+            out.append((weight, tensor))
+    return out
+
+
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter", "base_fingerprint", "fingerprint",
            "fingerprint_sample",
-           "check_base_fingerprint", "PEFT_PREFIX"]
+           "check_base_fingerprint", "parameter_wrappers", "parameter_key_paths", "PEFT_PREFIX", "TRANSPOSED_KEY",
+           "TOKEN_ROWS"]

@@ -1,5 +1,5 @@
-"""The ``lora`` command: ``lora generate``, ``lora merge``, ``lora export gguf`` (training runs through the recipe
-scripts in ``recipes/``)."""
+"""The ``lora`` command: ``lora train RECIPE``, ``lora eval``, ``lora info``, ``lora generate``, ``lora merge``,
+``lora export gguf``."""
 
 from __future__ import annotations
 
@@ -7,18 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .errors import USER_ERRORS, one_line
 from .models import DEFAULT_MODEL
-
-# Failures the user can act on: our ValueErrors (they say what is wrong and how to fix it), a file that cannot be
-# read or written, a NaN stop, Ctrl-C. They print one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, FloatingPointError, KeyboardInterrupt)
-
-
-def one_line(error: BaseException) -> str:
-    """``error``'s message on one line (Ctrl-C has none of its own)."""
-    if isinstance(error, KeyboardInterrupt):
-        return "interrupted (Ctrl-C)"
-    return " ".join(str(error).splitlines()) or type(error).__name__
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -44,35 +34,16 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged model written to {out}  (AutoModelForCausalLM.from_pretrained('{out}') or vLLM)")
 
 
-def _export_adapter_gguf_checked(args: argparse.Namespace, base_gguf: Path, out: Path) -> Path:
-    """The adapter GGUF, written under a temporary name and renamed only once the base GGUF with it applied gives
-    the adapter model's logits (or, where the check cannot apply it, once the base GGUF alone was checked)."""
-    from .atomic import atomic_file
-    from .export import export_adapter_gguf
-    from .verify import verify_export
-
-    with atomic_file(out) as tmp:
-        export_adapter_gguf(args.model, args.adapter, tmp, check_base=not args.no_check_base)
-        print(verify_export(args.model, args.adapter, base_gguf, adapter_gguf=tmp, name=f"{base_gguf} + {out.name}"),
-              flush=True)
-    return out
-
-
 def _export_gguf(args: argparse.Namespace) -> None:
-    from .export import check_adapter_gguf, export_adapter_gguf, export_gguf, write_modelfile
+    from .export import export_base_and_adapter_gguf, export_gguf, write_modelfile
 
     out = Path(args.out)
     verify = not args.no_verify
     if args.adapter_only:
         if not args.adapter:
             raise ValueError("--adapter-only needs --adapter DIR")
-        check_adapter_gguf(args.model, args.adapter, check_base=not args.no_check_base)  # before `out` is replaced
-        export_gguf(args.model, out, None, args.dtype, verify=verify)  # checked against the base alone
-        adapter_file = out.with_name(f"{out.stem}.adapter.gguf")
-        if verify:
-            _export_adapter_gguf_checked(args, out, adapter_file)
-        else:
-            export_adapter_gguf(args.model, args.adapter, adapter_file, check_base=not args.no_check_base)
+        adapter_file = export_base_and_adapter_gguf(args.model, args.adapter, out, args.dtype,
+                                                    check_base=not args.no_check_base, verify=verify)
         print(f"base {out} and adapter {adapter_file} written{'' if verify else ', not checked (--no-verify)'}")
     else:
         export_gguf(args.model, out, args.adapter, args.dtype, check_base=not args.no_check_base, verify=verify)
@@ -84,6 +55,74 @@ def _export_gguf(args: argparse.Namespace) -> None:
           f"&& ollama run my-model")
 
 
+def _train(args: argparse.Namespace) -> None:
+    """A recipe, exactly as its script in a clone runs it (``python recipes/NAME.py``): the same settings, help and
+    errors (one line, exit status 1), through the same :func:`lora.recipe.run`."""
+    from .recipe import run
+    from .recipes import load, names
+
+    if args.recipe is None:
+        raise ValueError(f"lora train needs a recipe: lora train RECIPE [--config FILE.yaml] [key=value ...], "
+                         f"RECIPE one of {', '.join(names())}")
+    run(load(args.recipe).main, args.settings)
+
+
+def _train_usage() -> str:
+    from .recipes import load, names, summary
+
+    lines = ["usage: lora train RECIPE [--config FILE.yaml] [key=value ...]", "",
+             "Runs a training recipe (as python recipes/RECIPE.py does in a clone). `lora train RECIPE --help` lists "
+             "its settings with their defaults.", "", "recipes:"]
+    lines += [f"  {name:<10} {summary(load(name))}" for name in names()]
+    lines += ["  FILE.py    a recipe of your own: a module that defines main(argv)"]
+    return "\n".join(lines)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .evaluation import data_metrics, data_table, lm_eval_tasks, load_for_eval, require_lm_eval, task_scores, \
+        task_table
+    from .recipe import write_json_atomically
+
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if not args.data and not tasks:
+        raise ValueError("nothing to evaluate: give --data FILE.jsonl (exact match and perplexity) and/or --tasks "
+                         "T1,T2 (lm-evaluation-harness tasks)")
+    if tasks:
+        require_lm_eval()  # before the model is loaded
+    model, tokenizer = load_for_eval(args.model, args.adapter, args.merge, check_base=not args.no_check_base)
+    report = {"model": args.model, "adapter": args.adapter, "merged": args.merge, "data": [], "tasks": {}}
+    for path in args.data or []:
+        metrics = data_metrics(model, tokenizer, path, args.max_length, args.max_new_tokens, args.batch_size)
+        report["data"].append(metrics)
+        print(data_table(metrics))
+    if tasks:
+        results = lm_eval_tasks(model, tokenizer, tasks, args.include_path, args.num_fewshot, args.limit,
+                                args.batch_size)
+        report["tasks"] = task_scores(results)
+        report["n_shot"], report["versions"] = results.get("n-shot", {}), results.get("versions", {})
+        print(task_table(results))
+    write_json_atomically(args.out, report)
+    print(f"results written to {args.out}")
+
+
+def _info(args: argparse.Namespace) -> None:
+    import json
+
+    from .info import describe, render
+
+    info = describe(args.path)
+    print(json.dumps(info, indent=2) if args.json else render(info))
+
+
+def _data_inspect(args: argparse.Namespace) -> None:
+    from .data import inspect_data
+    from .models import load_model
+
+    _, tokenizer = load_model(args.model)
+    print(inspect_data(args.source, tokenizer, format=args.format, columns=args.columns, max_length=args.max_length,
+                       show=args.show, mask_prompt=not args.no_mask_prompt))
+
+
 NO_VERIFY_HELP = ("skip the check of what was written (by default it is read back, and its logits on a few fixed "
                   "prompts are compared with the base + adapter's before it replaces an earlier output). The check "
                   "loads the model twice, one copy after the other, in float32: about 4 bytes per parameter, twice "
@@ -93,6 +132,61 @@ NO_VERIFY_HELP = ("skip the check of what was written (by default it is read bac
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    # the recipe reads its own arguments (and its own --help), exactly as its script does
+    train = commands.add_parser("train", add_help=False, help="train with a recipe (sft, classify, pretrain, dpo, "
+                                                              "...): lora train RECIPE [--config F.yaml] key=value")
+    train.add_argument("recipe", nargs="?", help="a recipe name, or the path of a .py file with main(argv)")
+    train.add_argument("settings", nargs=argparse.REMAINDER, help="--config FILE.yaml and key=value settings")
+    train.set_defaults(run=_train)
+
+    ev = commands.add_parser("eval", help="exact match and perplexity on a data file, and lm-evaluation-harness tasks",
+                             description="Evaluate a model, with an adapter applied (or merged: --merge), on data "
+                                         "files and on lm-evaluation-harness tasks; prints tables and writes JSON.")
+    ev.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, HF folder or .gguf (default "
+                                                           f"{DEFAULT_MODEL})")
+    ev.add_argument("--adapter", help="adapter folder to apply (ours or PEFT's)")
+    ev.add_argument("--merge", action="store_true", help="merge the adapter into the weights first (plain layers, as "
+                                                         "an exported model runs)")
+    ev.add_argument("--data", action="append", metavar="FILE",
+                    help="JSONL data: perplexity, and exact match for prompts with answers (repeatable)")
+    ev.add_argument("--max-length", type=int, default=512, help="longest example in tokens, for --data (longer "
+                                                                "ones are truncated)")
+    ev.add_argument("--max-new-tokens", type=int, default=None,
+                    help="tokens generated per prompt for exact match (default: the longest answer plus 4)")
+    ev.add_argument("--tasks", help="lm-eval tasks, comma-separated (lm-eval's registry, or --include-path)")
+    ev.add_argument("--include-path", help="a folder of lm-eval task YAML files of your own")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="examples per prompt (default: the task's)")
+    ev.add_argument("--limit", type=float, default=None, help="documents per task (a count, or a fraction < 1)")
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--out", default="eval_results.json", help="the JSON file of results (default "
+                                                               "eval_results.json)")
+    ev.add_argument("--no-check-base", action="store_true",
+                    help="apply the adapter even if its base-model fingerprint does not match --model")
+    ev.set_defaults(run=_eval)
+
+    info = commands.add_parser("info", help="what an adapter folder, GGUF file or model folder holds, and which "
+                                            "readers take an adapter")
+    info.add_argument("path", help="an adapter folder, a .gguf file, or a Hugging Face model folder")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(run=_info)
+
+    data = commands.add_parser("data", help="look at training data as the recipes read it")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    inspect = data_commands.add_parser(
+        "inspect", help="the detected format, stats, and the first examples with the trained tokens marked [[...]]")
+    inspect.add_argument("source", help="a data file (JSONL, JSON, CSV/TSV, Parquet, text), a folder or glob of "
+                                        "them, or a folder written by datasets' save_to_disk")
+    inspect.add_argument("--model", default=DEFAULT_MODEL, help=f"whose tokenizer and chat template to use "
+                                                                f"(default {DEFAULT_MODEL})")
+    inspect.add_argument("--format", default=None, help="read the records as this format (default: detected)")
+    inspect.add_argument("--columns", default=None, help="our field names for your columns, e.g. "
+                                                         "prompt:question,completion:answer")
+    inspect.add_argument("--max-length", type=int, default=None, help="cut examples (and text windows) to this")
+    inspect.add_argument("--show", type=int, default=3, help="how many examples to print (default 3)")
+    inspect.add_argument("--no-mask-prompt", action="store_true", help="show the loss on every token, as "
+                                                                       "mask_prompt=False trains")
+    inspect.set_defaults(run=_data_inspect)
 
     gen = commands.add_parser("generate", help="sample text from a model, optionally with an adapter")
     gen.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, HF folder or .gguf (default "
@@ -138,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"] and argv[1:2] in (["-h"], ["--help"]):  # the train parser leaves --help to the recipe
+        print(_train_usage())
+        return 0
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import RESIDUAL_INITS, LoraConfig
 from .inject import adapters_of, inject, lora_layers
+from .layers import LoRALinear
 
 METHODS = ("cat", "svd")
 
@@ -33,7 +34,7 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, met
 
     Raises:
         ValueError: unknown or DoRA inputs, inputs with ``modules_to_save`` or trained biases (not a low-rank
-            delta), a bad method or rank, or a name already taken.
+            delta) or on parameters, embeddings or vocabulary rows, a bad method or rank, or a name already taken.
     """
     known = adapters_of(model)
     if method not in METHODS:
@@ -51,6 +52,14 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, met
         if cfg.modules_to_save or cfg.bias != "none":
             raise ValueError(f"adapter {adapter!r} also trains modules_to_save or biases in full, which a "
                              f"combination of low-rank deltas cannot hold; combine adapters without them")
+        info = known[adapter]
+        embeddings = [p for p, layer in lora_layers(model) if not isinstance(layer, LoRALinear) and adapter in
+                      layer.adapters]
+        if info.parameter_paths or info.token_paths or embeddings:
+            what = ("parameters (target_parameters)" if info.parameter_paths else
+                    "vocabulary rows (trainable_tokens)" if info.token_paths else f"an embedding ({embeddings[0]})")
+            raise ValueError(f"adapter {adapter!r} adapts {what}, which combine_adapters does not sum (it sums "
+                             f"linear layers' A/B); combine adapters on linear layers only")
     if method == "cat" and rank is not None:
         raise ValueError("rank is for method='svd'; method='cat' keeps every input's rank (their sum)")
     if method == "svd" and rank is None:
@@ -58,7 +67,7 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, met
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
 
-    layers = dict(lora_layers(model))
+    layers = {p: layer for p, layer in lora_layers(model) if isinstance(layer, LoRALinear)}  # the others: refused
     paths = [p for p, layer in layers.items() if any(a in layer.lora_A for a in weights)]
     factors = {path: _weighted_factors(layers[path], weights, known) for path in paths}  # (A, B), scales folded
     new_rank = rank if method == "svd" else sum(_delta_rank(known[a].config) for a in weights)

@@ -43,6 +43,16 @@ class LoraConfig:
         dora: Weight-decomposed LoRA (Liu et al. 2024): a trainable per-output magnitude vector.
         bias: ``"none"``, ``"all"`` (train every bias in the model) or ``"lora_only"`` (biases of wrapped layers).
         modules_to_save: Module-name suffixes trained in full and saved with the adapter (e.g. a classifier head).
+        target_parameters: Parameters to adapt directly, as PEFT's ``target_parameters`` (peft#2638): names such as
+            ``["experts.gate_up_proj", "experts.down_proj"]`` (suffixes of ``<module path>.<parameter>``), for
+            weights that are not ``nn.Linear`` layers, above all the 3-D expert stacks of mixture-of-experts models
+            (``(experts, out, in)``; gpt-oss's ``(experts, in, out)``), which get one low-rank update per expert.
+            ``"all-linear"`` leaves them out and says so. The update is folded into the weight before the module
+            runs, so ``dropout`` must be 0, and DoRA/PiSSA/OLoRA do not apply to them.
+        trainable_tokens: Train these rows of the vocabulary in full and nothing else of it (PEFT's
+            ``trainable_token_indices``): a list of token ids (e.g. what :func:`lora.add_tokens` returned) trains
+            those rows of the input embedding and of the output head (one matrix when they are tied); a mapping
+            ``{module-name suffix: ids}`` picks the modules. Only the rows are saved, not the matrices.
     """
 
     r: int = 8
@@ -56,10 +66,12 @@ class LoraConfig:
     dora: bool = False
     bias: str = "none"
     modules_to_save: tuple[str, ...] = ()
+    target_parameters: tuple[str, ...] = ()
+    trainable_tokens: tuple[int, ...] | tuple[tuple[str, tuple[int, ...]], ...] | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and stored as tuples so the config stays hashable and frozen.
-        for name in ("exclude", "modules_to_save"):
+        for name in ("exclude", "modules_to_save", "target_parameters"):
             value = getattr(self, name)
             if isinstance(value, str):
                 raise ValueError(f"LoraConfig.{name} must be a list of module names, got the string {value!r}; "
@@ -69,6 +81,7 @@ class LoraConfig:
             object.__setattr__(self, name, tuple(value))
         if isinstance(self.targets, (list, tuple)):
             object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "trainable_tokens", _token_rows(self.trainable_tokens))
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or not all(_is_int(i) for i in self.layers):
                 raise ValueError(f"LoraConfig.layers must be None or a list of block indices (integers >= 0), "
@@ -97,10 +110,23 @@ class LoraConfig:
                 except re.error as e:
                     raise ValueError(f"LoraConfig.targets {self.targets!r} is neither 'all-linear' nor a valid "
                                      f"regex ({e}); pass a list of module-name suffixes instead") from None
-        elif not isinstance(self.targets, tuple) or not self.targets \
-                or not all(isinstance(t, str) and t for t in self.targets):
+        elif not isinstance(self.targets, tuple) or not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"LoraConfig.targets must be 'all-linear', a regex string or a non-empty list of "
                              f"module names, got {self.targets!r}")
+        elif not self.targets and not self.target_parameters:
+            # an empty list is allowed only beside parameters: PEFT needs target_modules or target_parameters
+            raise ValueError("LoraConfig.targets must be 'all-linear', a regex string or a non-empty list of module "
+                             "names (an empty list only beside target_parameters), got []")
+        if self.target_parameters:
+            problem = ("dropout" if self.dropout else "dora=True" if self.dora
+                       else f"init={self.init!r}" if self.init in RESIDUAL_INITS else None)
+            if problem:
+                # the update is folded into the weight (W + scale B A) before the module runs: there is no LoRA
+                # input to drop out, and no single weight whose norm or principal part DoRA/PiSSA could start from
+                raise ValueError(f"LoraConfig.target_parameters {list(self.target_parameters)} cannot be combined "
+                                 f"with {problem}: a parameter's update is folded into the weight before its "
+                                 f"module runs. Set {'dropout=0.0' if problem == 'dropout' else 'the default'} or "
+                                 f"adapt the parameters in an adapter of their own")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise ValueError(f"LoraConfig.layers must be None or a non-empty list of block indices >= 0, "
                              f"got {self.layers!r}")
@@ -128,7 +154,7 @@ class LoraConfig:
             "r": self.r,
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
-            "target_modules": sorted(target_paths),
+            "target_modules": sorted(target_paths) or None,
             "fan_in_fan_out": False,  # set per model by adapter_io when the wrapped layers are GPT-2 Conv1D
             "use_rslora": self.rslora,
             "use_dora": self.dora,
@@ -136,6 +162,8 @@ class LoraConfig:
             "bias": self.bias,
             "modules_to_save": list(self.modules_to_save) or None,
             "layers_to_transform": None,
+            "target_parameters": list(self.target_parameters) or None,
+            "trainable_token_indices": _peft_token_rows(self.trainable_tokens),
             "inference_mode": True,
             "base_model_name_or_path": base_model_name_or_path,
         }
@@ -157,7 +185,7 @@ class LoraConfig:
         if cfg.get("lora_bias"):
             raise ValueError("adapter_config.json sets lora_bias=true (a bias on lora_B), which this library does "
                              "not support")
-        if "r" not in cfg or "target_modules" not in cfg:
+        if "r" not in cfg or ("target_modules" not in cfg and not cfg.get("target_parameters")):
             raise ValueError(f"adapter_config.json lacks {'r' if 'r' not in cfg else 'target_modules'!r}; it is "
                              f"not a LoRA adapter config")
         init = cfg.get("init_lora_weights", True)
@@ -175,17 +203,56 @@ class LoraConfig:
                              "support; use a list of module names")
         try:  # the values as written: LoraConfig checks each one (no int() that would truncate r=2.7 to 2)
             return cls(r=cfg["r"], alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
-                       targets=cfg["target_modules"], exclude=exclude, layers=layers,
+                       targets=cfg.get("target_modules") or (), exclude=exclude, layers=layers,
                        rslora=cfg.get("use_rslora", False), init="gaussian" if init == "gaussian" else "kaiming",
                        dora=cfg.get("use_dora", False), bias=cfg.get("bias", "none"),
-                       modules_to_save=cfg.get("modules_to_save") or ())
+                       modules_to_save=cfg.get("modules_to_save") or (),
+                       target_parameters=cfg.get("target_parameters") or (),
+                       trainable_tokens=cfg.get("trainable_token_indices") or None)
         except ValueError as e:
             names = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
+                     "target_parameters": "target_parameters", "trainable_tokens": "trainable_token_indices",
                      "exclude": "exclude_modules", "layers": "layers_to_transform", "rslora": "use_rslora",
                      "dora": "use_dora", "modules_to_save": "modules_to_save", "bias": "bias"}
             message = re.sub(r"LoraConfig\.(\w+)", lambda m: f"'{names.get(m.group(1), m.group(1))}'", str(e))
             raise ValueError(f"adapter_config.json: {message}. The file is damaged or was not written for a LoRA "
                              f"adapter; re-save the adapter") from None
+
+
+def _token_ids(value: Any, where: str) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value \
+            or not all(_is_int(i) and i >= 0 for i in value):
+        raise ValueError(f"LoraConfig.trainable_tokens{where} must be a non-empty list of token ids (integers >= 0, "
+                         f"e.g. what lora.add_tokens returned), got {value!r}")
+    return tuple(dict.fromkeys(value))  # in order, each once
+
+
+def _token_rows(value: Any) -> tuple | None:
+    """``trainable_tokens`` as stored: None, a tuple of ids, or ``((module suffix, ids), ...)`` for a mapping."""
+    if value is None:
+        return None
+    if isinstance(value, dict) or (isinstance(value, tuple) and value and all(
+            isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) for v in value)):
+        pairs = value.items() if isinstance(value, dict) else value
+        if not pairs:
+            raise ValueError("LoraConfig.trainable_tokens is an empty mapping; give {module name: [token ids]}")
+        out = []
+        for name, ids in pairs:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"LoraConfig.trainable_tokens maps module names to token ids; {name!r} is not a "
+                                 f"module name")
+            out.append((name, _token_ids(list(ids) if isinstance(ids, tuple) else ids, f"[{name!r}]")))
+        return tuple(out)
+    return _token_ids(value, "")
+
+
+def _peft_token_rows(rows: tuple | None) -> list[int] | dict[str, list[int]] | None:
+    """PEFT's ``trainable_token_indices`` for the stored form (adapter_io replaces it by what was wrapped)."""
+    if rows is None:
+        return None
+    if rows and isinstance(rows[0], tuple):
+        return {name: list(ids) for name, ids in rows}
+    return list(rows)
 
 
 __all__ = ["LoraConfig", "ALL_LINEAR", "RESIDUAL_INITS"]

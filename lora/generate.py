@@ -69,12 +69,18 @@ def _encode(tokenizer, prompts: list[str | Conversation], chat: bool, device) ->
         raise ValueError("a conversation prompt needs chat formatting; pass chat=True (or a string prompt)")
     else:
         rows = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    return pad_left(rows, pad, device)
+
+
+def pad_left(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows as left-padded ``(B, T)`` ids and attention mask: every prompt ends at the last column, where
+    the first new token is read off."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
+        ids[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
         mask[i, width - len(r):] = 1
     return ids.to(device), mask.to(device)
 
@@ -151,54 +157,102 @@ def generate(model: nn.Module, tokenizer, prompt: str | Conversation | list[str 
     if eos_token_id is None and tokenizer is not None:
         eos_token_id = tokenizer.eos_token_id
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    new_tokens = sample_tokens(model, ids, mask, max_new_tokens, temperature, top_k, top_p, generator, eos_token_id)
+    if isinstance(prompt, torch.Tensor):
+        return torch.cat([ids, new_tokens], dim=1)
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return texts[0] if single else texts
 
+
+def _cache_of(out):
+    """The KV cache a Hugging Face forward returned (``cache`` since transformers 5.x, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model.forward`` takes a KV cache: ``cache`` in newer transformers, else
+    ``past_key_values`` (the old name still works there, with a deprecation warning on every load)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def sample_tokens(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                  temperature: float = 0.7, top_k: int = 50, top_p: float = 0.95,
+                  generator: torch.Generator | None = None, eos_token_id: int | None = None,
+                  num_samples: int = 1) -> torch.Tensor:
+    """The sampling loop under :func:`generate`: new token ids for left-padded prompts, with the KV cache.
+
+    Args:
+        model: A Hugging Face causal LM, or an ``nn.Module`` mapping ``(B, T)`` ids to logits (then ``mask`` must
+            be all ones: such a model reads padding as text).
+        ids: ``(B, T)`` left-padded prompt ids (see :func:`pad_left`); ``mask``: their attention mask.
+        max_new_tokens, temperature, top_k, top_p, eos_token_id: As for :func:`generate`.
+        generator: The random draws' source (None: torch's global one). A caller that checkpoints it, or seeds a
+            fresh one per call, gets draws that repeat exactly.
+        num_samples: Samples per prompt. The prompts run through the model once and their KV cache is copied
+            ``num_samples`` times, so a group of answers to one prompt costs one prompt pass (GRPO's groups).
+
+    Returns:
+        ``(B * num_samples, n)`` new ids, ``n <= max_new_tokens`` (the loop ends once every row has ended); row
+        ``i * num_samples + j`` is prompt ``i``'s ``j``-th sample; an ended row is padded with ``eos_token_id``.
+    """
+    device = ids.device
     was_training = model.training
     model.eval()
     hf = _is_hf(model)
     # Only the last position's logits are needed: without this the prompt pass computes (B, T, vocab) of them
     last_only = {"logits_to_keep": 1} if hf and "logits_to_keep" in inspect.signature(model.forward).parameters \
         else {}
+    cache_name = cache_argument(model) if hf else None
     # A row that has finished leaves the batch, so the others run on without it. Not with per-row adapters (their
     # rows are fixed while generating) or a cache this cannot cut rows from: then finished rows are padded along.
     per_row = any(getattr(m, "row_adapters", None) is not None for m in model.modules())
-    new_tokens = ids.new_full((ids.shape[0], max_new_tokens), eos_token_id if eos_token_id is not None else 0)
-    rows = torch.arange(ids.shape[0], device=device)  # the prompt each row still in the batch answers
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    if per_row and num_samples > 1:
+        raise ValueError("num_samples > 1 copies each prompt's rows, which per-row adapters (lora.row_adapters) "
+                         "cannot follow; repeat the prompts and their adapter names instead")
+    rows_total = ids.shape[0] * num_samples
+    new_tokens = ids.new_full((rows_total, max_new_tokens), eos_token_id if eos_token_id is not None else 0)
+    rows = torch.arange(rows_total, device=device)  # the row of new_tokens each row still in the batch fills
+    finished = torch.zeros(rows_total, dtype=torch.bool, device=device)
     past, seen = None, ids
     step_ids, step_pos = ids, (mask.cumsum(-1) - 1).clamp_min(0)
     steps = 0
-    for steps in range(1, max_new_tokens + 1):
-        if hf:
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                        use_cache=True, **last_only)
-            past, logits = out.past_key_values, out.logits[:, -1]
-        else:
-            out = model(seen)
-            logits = (out if isinstance(out, torch.Tensor) else out.logits)[:, -1]  # (B, V)
-        next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
-        if eos_token_id is not None:
-            next_token = next_token.masked_fill(finished, eos_token_id)
-            finished |= next_token == eos_token_id
-        new_tokens[rows, steps - 1] = next_token
-        if finished.all():
-            break
-        if not hf:  # a model without a cache reads the whole sequence again
-            seen = torch.cat([seen, next_token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        step_ids, step_pos = next_token[:, None], step_pos[:, -1:] + 1
-        if finished.any() and not per_row and (not hf or _can_drop_rows(past)):
-            keep = (~finished).nonzero().squeeze(1)
+    try:
+        for steps in range(1, max_new_tokens + 1):
             if hf:
-                past.batch_select_indices(keep)
-            rows, finished, mask = rows[keep], finished[keep], mask[keep]
-            seen = seen if hf else seen[keep]
-            step_ids, step_pos = step_ids[keep], step_pos[keep]
-    model.train(was_training)
-    new_tokens = new_tokens[:, :steps]
-    if isinstance(prompt, torch.Tensor):
-        return torch.cat([ids, new_tokens], dim=1)
-    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return texts[0] if single else texts
+                out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                            **{cache_name: past}, use_cache=True, **last_only)
+                past, logits = _cache_of(out), out.logits[:, -1]
+            else:
+                out = model(seen)
+                logits = (out if isinstance(out, torch.Tensor) else out.logits)[:, -1]  # (B, V)
+            if steps == 1 and num_samples > 1:  # one prompt pass, then every prompt's rows num_samples times
+                logits, mask = logits.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
+                step_pos, seen = step_pos.repeat_interleave(num_samples, 0), seen.repeat_interleave(num_samples, 0)
+                if hf:
+                    past.batch_repeat_interleave(num_samples)
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            if eos_token_id is not None:
+                next_token = next_token.masked_fill(finished, eos_token_id)
+                finished |= next_token == eos_token_id
+            new_tokens[rows, steps - 1] = next_token
+            if finished.all():
+                break
+            if not hf:  # a model without a cache reads the whole sequence again
+                seen = torch.cat([seen, next_token[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            step_ids, step_pos = next_token[:, None], step_pos[:, -1:] + 1
+            if finished.any() and not per_row and (not hf or _can_drop_rows(past)):
+                keep = (~finished).nonzero().squeeze(1)
+                if hf:
+                    past.batch_select_indices(keep)
+                rows, finished, mask = rows[keep], finished[keep], mask[keep]
+                seen = seen if hf else seen[keep]
+                step_ids, step_pos = step_ids[keep], step_pos[keep]
+    finally:
+        model.train(was_training)
+    return new_tokens[:, :steps]
 
 
 def exact_match(model, tokenizer, prompts: list[str | Conversation], answers: list[str],
@@ -225,4 +279,4 @@ def exact_match(model, tokenizer, prompts: list[str | Conversation], answers: li
     return correct / max(len(answers), 1), predictions
 
 
-__all__ = ["generate", "exact_match", "sample_next_token", "filter_logits"]
+__all__ = ["generate", "exact_match", "sample_tokens", "pad_left", "sample_next_token", "filter_logits"]

@@ -1,4 +1,5 @@
-"""LoRALinear: a frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) plus named low-rank updates ``scale * B @ A``."""
+"""LoRALinear: a frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) plus named low-rank updates ``scale * B @ A``; and what
+adapts the weights that are not linear layers: parameters (mixture-of-experts stacks), embeddings, vocabulary rows."""
 
 from __future__ import annotations
 
@@ -110,6 +111,32 @@ def unmerged_weight(merged: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scal
     return W - lora_delta(A, B, scale)
 
 
+def expert_delta(A: torch.Tensor, B: torch.Tensor, scale: float, num_experts: int) -> torch.Tensor:
+    """``scale * B_e @ A_e`` for every expert ``e``, fp32, ``(experts, out, in)``, from PEFT's layout for a parameter
+    adapter (its ``ParamWrapper``): ``A`` is ``(experts * r) x in`` with expert ``e``'s rows at ``e*r .. e*r + r-1``,
+    ``B`` is ``out x (r * experts)`` with expert ``e``'s columns at ``e, e + experts, e + 2 experts, ...``."""
+    A_e = A.float().reshape(num_experts, -1, A.shape[-1])  # (E, r, in)
+    B_e = B.float().reshape(B.shape[0], -1, num_experts).permute(2, 0, 1)  # (E, out, r)
+    return torch.bmm(B_e, A_e) * scale  # (E, out, in)
+
+
+def parameter_delta(A: torch.Tensor, B: torch.Tensor, scale: float, shape: torch.Size | tuple[int, ...],
+                    transposed: bool = False) -> torch.Tensor:
+    """What a parameter adapter adds to a parameter of ``shape``, fp32, in the parameter's own layout: ``(out, in)``
+    for a 2-D weight, ``(experts, out, in)`` for an expert stack, ``(experts, in, out)`` where the experts module
+    says its stacks are transposed (gpt-oss)."""
+    if len(shape) == 2:
+        return lora_delta(A, B, scale)
+    delta = expert_delta(A, B, scale, shape[0])
+    return delta.transpose(1, 2) if transposed else delta
+
+
+def embedding_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """What an embedding adapter adds to the embedding matrix, fp32, ``(num_embeddings, dim)``, from PEFT's
+    ``lora_embedding_A`` (``r x num_embeddings``) and ``lora_embedding_B`` (``dim x r``)."""
+    return lora_delta(A, B, scale).T
+
+
 class LoRALinear(nn.Module):
     """Wraps a linear layer: ``y = base(x) + sum over active adapters of scale * B(A(dropout(x)))``.
 
@@ -210,6 +237,18 @@ class LoRALinear(nn.Module):
     @property
     def adapters(self) -> tuple[str, ...]:
         return tuple(self.lora_A.keys())
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s own trained tensors by their key under this layer's path (PEFT's names)."""
+        out = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if name in self.lora_magnitude_vector:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return out
+
+    @property
+    def base_parameter(self) -> nn.Parameter:
+        """The base weight as the model stores it (what a base fingerprint samples, and its dtype)."""
+        return self.base_layer.weight
 
     # -- weights --------------------------------------------------------------------------------------------------
     def _base_weight_view(self) -> torch.Tensor:
@@ -364,6 +403,434 @@ class LoRALinear(nn.Module):
                 f"active={list(self.active_adapters)}, merged={self.merged_adapters}")
 
 
+class _LowRankBase(nn.Module):
+    """What :class:`LoRAParameter` and :class:`LoRAEmbedding` share: the adapter bookkeeping of :class:`LoRALinear`
+    (named adapters, active and merged ones, ``disabled``), and merging by adding :meth:`delta_weight` to one base
+    tensor in fp32 with one cast back. Subclasses say where that tensor is and how the update is computed."""
+
+    fan_in_fan_out = False
+
+    def __init__(self):
+        super().__init__()
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.row_adapters: RowGroups | None = None
+        # what the code that handles every wrapper asks of LoRALinear: these adapters have neither
+        self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.lora_magnitude_vector = nn.ParameterDict()
+
+    @property
+    def base_parameter(self) -> nn.Parameter:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        self.active_adapters = tuple(n for n in names if n in self.adapters)
+
+    def check_mergeable(self) -> None:
+        """Every adapter here is a plain low-rank delta: any set of them merges in one step."""
+
+    def _pending(self) -> list[str]:
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def _with(self, W: torch.Tensor, names: list[str], sign: float = 1.0) -> torch.Tensor:
+        """``W`` plus (``sign`` -1: minus) the updates of ``names``, fp32."""
+        out = W.float()
+        for name in names:
+            out = out + sign * self.delta_weight(name)
+        return out
+
+    def base_weight(self) -> torch.Tensor:
+        """The base tensor without any adapter, in its own layout, fp32 (the module is left as it is)."""
+        return self._with(self.base_parameter, self.merged_adapters, -1.0)
+
+    def adapted_weight(self) -> torch.Tensor | None:
+        """The base tensor with the active, unmerged adapters added (fp32 math, one cast to its dtype): exactly what
+        :meth:`merge` writes. None when nothing is to be added."""
+        pending = [] if self.disabled else self._pending()
+        if not pending:
+            return None
+        W = self.base_parameter
+        return self._with(W, pending).to(W.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add every active, not yet merged adapter into the base tensor (fp32 math, one cast back). Idempotent."""
+        pending = self._pending()
+        if pending:
+            W = self.base_parameter
+            W.copy_(self._with(W, pending).to(W.dtype))  # the tensor adapted_weight() gives the forward
+            self.merged_adapters.extend(pending)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged adapters again. Idempotent."""
+        if self.merged_adapters:
+            W = self.base_parameter
+            W.copy_(self._with(W, self.merged_adapters, -1.0).to(W.dtype))
+            self.merged_adapters.clear()
+
+    def extra_repr(self) -> str:
+        return (f"adapters={list(self.adapters)}, active={list(self.active_adapters)}, "
+                f"merged={self.merged_adapters}")
+
+
+def _init_a(weight: torch.Tensor, cfg: LoraConfig) -> None:
+    if cfg.init == "gaussian":
+        nn.init.normal_(weight, std=1.0 / cfg.r)
+    else:
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's own init, as LoRALinear's A
+
+
+class LoRAParameter(_LowRankBase):
+    """Adapts one parameter of a module directly (PEFT's ``target_parameters``, its ``ParamWrapper``): a 2-D weight
+    ``(out, in)``, or a stack of experts ``(experts, out, in)`` with a rank-``r`` update per expert.
+
+    transformers 5 keeps a mixture-of-experts layer's experts as such stacks (``experts.gate_up_proj``,
+    ``experts.down_proj``), not as ``nn.Linear`` layers. The experts' own forward (whichever kernel transformers
+    picks) runs on ``W + scale * B_e A_e``, computed before the call in fp32 and cast once: the very tensor
+    :meth:`merge` writes, so merged and unmerged models compute the same. That costs one copy of the adapted stack
+    per call while adapters are unmerged (as in PEFT).
+
+    One wrapper adapts one parameter; a second parameter of the same module gets a second wrapper around the first
+    (``experts.base_layer`` is then the inner one), as PEFT nests them, so the module paths, and the adapter keys
+    with them, are PEFT's. The LoRA tensors keep PEFT's layout: ``lora_A`` ``(experts * r) x in``, ``lora_B``
+    ``out x (r * experts)`` (see :func:`expert_delta`).
+    """
+
+    def __init__(self, base_layer: nn.Module, parameter_name: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.parameter_name = parameter_name
+        param = self.owner._parameters.get(parameter_name)
+        if not isinstance(param, nn.Parameter) or param.dim() not in (2, 3) or not param.is_floating_point():
+            raise ValueError(f"target_parameters: {type(self.owner).__name__}.{parameter_name} is not a 2-D or 3-D "
+                             f"floating-point parameter of its module, so it cannot take a low-rank update")
+        # transformers' experts modules say how their stacks are laid out; (experts, out, in) unless transposed
+        self.transposed = param.dim() == 3 and bool(getattr(self.owner, "is_transposed", False))
+        self.num_experts = param.shape[0] if param.dim() == 3 else 1
+        rows, cols = param.shape[-2:]
+        self.out_features, self.in_features = (cols, rows) if self.transposed else (rows, cols)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    @property
+    def owner(self) -> nn.Module:
+        """The module that holds the parameter (under any other parameter wrappers)."""
+        module = self.base_layer
+        while isinstance(module, LoRAParameter):
+            module = module.base_layer
+        return module
+
+    @property
+    def base_parameter(self) -> nn.Parameter:
+        return self.owner._parameters[self.parameter_name]
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(self.lora_A.keys())
+
+    def add_adapter(self, name: str, cfg: LoraConfig) -> None:
+        """Add adapter ``name``: A as LoRALinear's, B zero, one rank-``r`` pair per expert; outputs are unchanged."""
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this parameter")
+        device = self.base_parameter.device
+        rank = cfg.r * self.num_experts
+        A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=torch.float32)
+        B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=torch.float32)
+        _init_a(A.weight, cfg)
+        nn.init.zeros_(B.weight)
+        self.lora_A[name], self.lora_B[name] = A, B
+        self.scaling[name] = cfg.scale
+        self.active_adapters = self.active_adapters + (name,)
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weights; call lora.unmerge(model) first")
+        del self.lora_A[name], self.lora_B[name]
+        self.scaling.pop(name)
+        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+    def delta_weight(self, name: str, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """What adapter ``name`` adds to the parameter, fp32, in the parameter's layout."""
+        return parameter_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                               self.base_parameter.shape, self.transposed)
+
+    def forward(self, *args, **kwargs):
+        # Every parameter wrapper around the module contributes its adapted tensor; the module then runs once on all
+        # of them (functional_call swaps them in for this call only).
+        weights: dict[str, torch.Tensor] = {}
+        layer: nn.Module = self
+        while isinstance(layer, LoRAParameter):
+            if layer.row_adapters is not None and any(n in layer.adapters for n in layer.row_adapters):
+                raise ValueError("row_adapters cannot give rows different parameter adapters (target_parameters): "
+                                 "the update is folded into the whole weight; run such adapters in batches of "
+                                 "their own with lora.set_active")
+            adapted = layer.adapted_weight()
+            if adapted is not None:
+                weights[layer.parameter_name] = adapted
+            layer = layer.base_layer
+        if not weights:
+            return layer(*args, **kwargs)
+        return torch.func.functional_call(layer, weights, args, kwargs, strict=False)
+
+    def extra_repr(self) -> str:
+        shape = tuple(self.base_parameter.shape)
+        return f"parameter={self.parameter_name!r}, shape={shape}, experts={self.num_experts}, " + super().extra_repr()
+
+
+class LoRAEmbedding(_LowRankBase):
+    """Wraps an ``nn.Embedding``: ``y = base(ids) + scale * embed(ids, A^T) @ B^T`` (PEFT's LoRA ``Embedding``).
+
+    ``lora_embedding_A[name]`` is ``r x num_embeddings`` and ``lora_embedding_B[name]`` is ``dim x r``, PEFT's names
+    and shapes; the merged matrix is ``W + scale * (B @ A)^T`` (:func:`embedding_delta`). A is zero and B Gaussian
+    when fresh, as PEFT initialises them, so a fresh adapter changes nothing. An embedding that scales its output
+    (Gemma's ``embed_scale``) scales the update too. Dropout does not apply: the input is token ids.
+    """
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__()
+        if not isinstance(base_layer, nn.Embedding):
+            raise ValueError(f"LoRAEmbedding wraps nn.Embedding, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    @property
+    def base_parameter(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(self.lora_embedding_A.keys())
+
+    def add_adapter(self, name: str, cfg: LoraConfig) -> None:
+        if name in self.lora_embedding_A:
+            raise ValueError(f"adapter {name!r} already exists on this embedding")
+        device = self.base_layer.weight.device
+        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(cfg.r, self.in_features, device=device))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, cfg.r, device=device))
+        self.scaling[name] = cfg.scale
+        self.active_adapters = self.active_adapters + (name,)
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weights; call lora.unmerge(model) first")
+        del self.lora_embedding_A[name], self.lora_embedding_B[name]
+        self.scaling.pop(name)
+        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
+
+    def delta_weight(self, name: str, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        return embedding_delta(self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name])
+
+    def _update(self, name: str, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``scale * embed(ids, A^T) @ B^T`` (times the embedding's own output scale), ``(..., dim)``."""
+        base = self.base_layer
+        after_a = F.embedding(ids, self.lora_embedding_A[name].T, padding_idx=base.padding_idx,
+                              max_norm=base.max_norm, norm_type=base.norm_type,
+                              scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)  # (..., r)
+        update = (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]  # (..., dim)
+        embed_scale = getattr(base, "embed_scale", None)
+        if embed_scale is not None:
+            update = update * embed_scale.to(update.dtype)
+        return update.to(dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(ids)  # (..., dim)
+        if self.disabled:
+            return result
+        if self.row_adapters is not None:
+            groups = self.row_adapters
+            groups.check(ids.shape[0])
+            for name in groups:
+                if name in self.lora_embedding_A:
+                    groups.add_(result, name, self._update(name, groups.take(ids, name), result.dtype))
+            return result
+        for name in self._pending():
+            result = result + self._update(name, ids, result.dtype)
+        return result
+
+    def __getattr__(self, name: str):
+        # model code reads an embedding's attributes (num_embeddings, embedding_dim, padding_idx, embed_scale)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
+class TrainableTokens(nn.Module):
+    """Rows of a vocabulary matrix trained in full, the rest frozen (PEFT's trainable tokens): the rows of an input
+    embedding that the given token ids look up, or the rows of an output head that give those tokens' logits.
+
+    Adapter ``name`` trains ``trainable_tokens_delta[name]``, ``(tokens, dim)`` fp32, which holds the rows' new
+    values (not a difference; PEFT's name and meaning): merging writes them into the matrix, so what the rows held
+    before, e.g. the mean that :func:`lora.add_tokens` gave new tokens, does not matter to a trained adapter. Only
+    the given positions or logits are replaced; nothing of the size of the matrix is copied per call.
+
+    A head tied to the embedding (one matrix) gets a wrapper ``tied_to`` the embedding's: it trains and saves
+    nothing of its own and reads the embedding's rows, so both ends of the model see the same new rows.
+    """
+
+    def __init__(self, base_layer: nn.Module, tied_to: "TrainableTokens | None" = None):
+        super().__init__()
+        if not isinstance(base_layer, (nn.Embedding, nn.Linear)):
+            raise ValueError(f"trainable_tokens wraps an nn.Embedding or an output head (nn.Linear), got "
+                             f"{type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.is_head = isinstance(base_layer, nn.Linear)
+        self._tied = [tied_to] if tied_to is not None else []  # a list: not a submodule, saved once, by its owner
+        self.trainable_tokens_delta = nn.ParameterDict()
+        self.token_indices: dict[str, list[int]] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.row_adapters: RowGroups | None = None
+        self._rows_before_merge: dict[str, torch.Tensor] = {}
+        self._lookup: dict[str, torch.Tensor] = {}  # per adapter: (vocab,) slot of each id in its rows, or -1
+
+    @property
+    def tied_to(self) -> "TrainableTokens | None":
+        return self._tied[0] if self._tied else None
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(self.token_indices)
+
+    @property
+    def base_parameter(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    def rows(self, name: str) -> nn.Parameter:
+        """Adapter ``name``'s trained rows, ``(tokens, dim)`` (the embedding's, for a tied head)."""
+        return (self.tied_to or self).trainable_tokens_delta[name]
+
+    def add_adapter(self, name: str, token_ids: list[int] | tuple[int, ...]) -> None:
+        """Add adapter ``name`` training the rows ``token_ids``, starting from their current values (unchanged)."""
+        if name in self.token_indices:
+            raise ValueError(f"adapter {name!r} already exists on this module")
+        W = self.base_layer.weight
+        ids = list(token_ids)
+        if max(ids) >= W.shape[0]:
+            raise ValueError(f"trainable_tokens has token id {max(ids)}, but this matrix has {W.shape[0]} rows; "
+                             f"add the tokens first (lora.add_tokens(model, tokenizer, [...]))")
+        self.token_indices[name] = ids
+        if self.tied_to is None:
+            self.trainable_tokens_delta[name] = nn.Parameter(W.detach()[ids].float().clone())  # (tokens, dim)
+        self.active_adapters = self.active_adapters + (name,)
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weights; call lora.unmerge(model) first")
+        self.token_indices.pop(name)
+        if name in self.trainable_tokens_delta:
+            del self.trainable_tokens_delta[name]
+        self._lookup.pop(name, None)
+        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        self.active_adapters = tuple(n for n in names if n in self.token_indices)
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        if self.tied_to is not None:
+            return {}  # the embedding's rows; PEFT saves them once, under the embedding
+        return {"token_adapter.trainable_tokens_delta": self.trainable_tokens_delta[name]}
+
+    def _pending(self) -> list[str]:
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters]
+        seen: set[int] = set()
+        for name in pending + self.merged_adapters:
+            overlap = seen & set(self.token_indices[name])
+            if overlap:
+                raise ValueError(f"two active adapters train the rows of token ids {sorted(overlap)[:5]}; only one "
+                                 f"adapter can give a row its values (lora.set_active one of them)")
+            seen |= set(self.token_indices[name])
+        return pending
+
+    def check_mergeable(self) -> None:
+        self._pending()
+
+    def _slots(self, name: str, device: torch.device) -> torch.Tensor:
+        table = self._lookup.get(name)
+        if table is None or table.device != device:
+            table = torch.full((self.base_layer.weight.shape[0],), -1, dtype=torch.long, device=device)
+            table[torch.tensor(self.token_indices[name], device=device)] = torch.arange(
+                len(self.token_indices[name]), device=device)
+            self._lookup[name] = table
+        return table
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.disabled:
+            return result
+        if self.row_adapters is not None and any(n in self.token_indices for n in self.row_adapters):
+            raise ValueError("row_adapters cannot give rows different trainable_tokens adapters; run them in "
+                             "batches of their own with lora.set_active")
+        for name in self._pending():
+            rows = self.rows(name)
+            if self.is_head:  # (..., vocab) logits: the trained tokens' columns come from the trained rows
+                index = torch.tensor(self.token_indices[name], device=x.device)
+                W = self.base_layer.weight
+                # added as the change from the rows' current values, so an untrained adapter adds exactly zero
+                change = F.linear(x, (rows - W[index].to(rows.dtype)).to(x.dtype))  # (..., tokens)
+                result = result.index_add(-1, index, change.to(result.dtype))
+            else:  # (..., dim) vectors: positions holding a trained token take its trained row
+                slot = self._slots(name, x.device)[x]  # (...,)
+                looked_up = rows[slot.clamp_min(0)]  # (..., dim)
+                embed_scale = getattr(self.base_layer, "embed_scale", None)
+                if embed_scale is not None:
+                    looked_up = looked_up * embed_scale.to(looked_up.dtype)
+                result = torch.where((slot >= 0).unsqueeze(-1), looked_up.to(result.dtype), result)
+        return result
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Write the active adapters' rows into the matrix (a tied head's matrix is the embedding's, written once by
+        the embedding's wrapper). Idempotent."""
+        for name in self._pending():
+            if self.tied_to is None:
+                W = self.base_layer.weight
+                index = torch.tensor(self.token_indices[name], device=W.device)
+                self._rows_before_merge[name] = W[index].clone()
+                W.index_copy_(0, index, self.rows(name).to(W.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Give the rows back the values they had before the merge. Idempotent."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if self.tied_to is None:
+                W = self.base_layer.weight
+                W.index_copy_(0, torch.tensor(self.token_indices[name], device=W.device),
+                              self._rows_before_merge.pop(name))
+
+    def __getattr__(self, name: str):
+        # model code reads the wrapped matrix's attributes (weight, num_embeddings, embed_scale, out_features)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def extra_repr(self) -> str:
+        tied = ", tied to the input embedding" if self.tied_to is not None else ""
+        return f"tokens={ {n: len(i) for n, i in self.token_indices.items()} }{tied}, merged={self.merged_adapters}"
+
+
 class SavedModule(nn.Module):
     """A module trained in full (``modules_to_save``, e.g. a classifier head), one trained copy per adapter.
 
@@ -440,5 +907,6 @@ class SavedModule(nn.Module):
             return getattr(self.current(), name)
 
 
-__all__ = ["LoRALinear", "SavedModule", "RowGroups", "is_conv1d", "is_linear_like", "lora_delta", "merged_weight",
+__all__ = ["LoRALinear", "LoRAParameter", "LoRAEmbedding", "TrainableTokens", "SavedModule", "RowGroups", "is_conv1d",
+           "is_linear_like", "lora_delta", "expert_delta", "parameter_delta", "embedding_delta", "merged_weight",
            "unmerged_weight"]

@@ -20,9 +20,9 @@ import yaml
 
 from .adapter_io import check_adapter_folder
 from .atomic import atomic_file
-from .cli import USER_ERRORS, one_line
 from .config import LoraConfig
-from .trainer import TrainConfig
+from .errors import USER_ERRORS, one_line
+from .train import TrainConfig
 
 # A comma-separated list of plain module names (q_proj,v_proj): on the command line a list, not a regex.
 _NAME_LIST = re.compile(r"\s*[A-Za-z0-9_.]+\s*(,\s*[A-Za-z0-9_.]+\s*)*,?\s*")
@@ -51,6 +51,8 @@ def _coerce(value: Any, annotation: str, key: str) -> Any:
             if annotation.startswith("str") and not _NAME_LIST.fullmatch(value):
                 return value  # "all-linear", or a regex such as .*\.(q|v)_proj (issue 9)
             items = [v.strip() for v in value.split(",") if v.strip()]
+            if "[float" in annotation:  # reward_weights=1,0.5
+                return [float(v) for v in items]
             return [int(v) for v in items] if "[int" in annotation else items  # layers=0,1
     except (ValueError, yaml.YAMLError):
         raise ValueError(f"{key}={value!r}: expected {annotation}") from None
@@ -147,14 +149,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def finish(trainer, adapter_dir: str, output_dir: str, metrics: dict) -> dict:
+def finish(trainer, adapter_dir: str, output_dir: str, metrics: dict, data: dict | None = None) -> dict:
     """Save the trainer's adapter and write ``metrics.json`` (with the adapter's path) into ``output_dir``.
+
+    The adapter folder's model card (README.md) gets ``metrics`` and ``data`` (the files and their counts).
 
     Every process calls it: under FSDP or ZeRO-3 the adapter is gathered from all of them. The main process writes
     and returns the metrics; the others return ``{}``. A run stopped by Ctrl-C (``metrics["interrupted"]``) is
     saved all the same, with a note on how to resume it.
     """
-    adapter = trainer.save_adapter(adapter_dir)
+    adapter = trainer.save_adapter(adapter_dir, card={"data": data or {}, "metrics": metrics})
     if not trainer.accelerator.is_main_process:  # under `accelerate launch`, one process writes the outputs
         return {}
     metrics = {**metrics, "adapter": str(adapter)}
@@ -166,12 +170,24 @@ def finish(trainer, adapter_dir: str, output_dir: str, metrics: dict) -> dict:
     return metrics
 
 
-def run(main: Callable[[list[str]], dict]) -> None:
-    """Run a recipe's ``main`` on the command line: errors the user can act on (bad settings or data, a file that
-    cannot be read or written, a NaN stop, Ctrl-C outside training) become one line on stderr and exit status 1.
+def data_card(train_file: str, train: list, eval_file: str | None = None, eval_rows: list | None = None,
+              stats: Any = None) -> dict:
+    """The model card's data section: the files as given, and how many examples (or pairs) each gave."""
+    card = {"train_file": str(train_file), "train_examples": len(train)}
+    if stats is not None and getattr(stats, "tokens", None):
+        card["train_tokens"] = stats.tokens
+    if eval_file is not None:
+        card.update(eval_file=str(eval_file), eval_examples=len(eval_rows or []))
+    return card
+
+
+def run(main: Callable[[list[str]], dict], argv: list[str] | None = None) -> None:
+    """Run a recipe's ``main`` on ``argv`` (default: the command line's): errors the user can act on (bad settings or
+    data, a file that cannot be read or written, a NaN stop, Ctrl-C outside training) become one line on stderr and
+    exit status 1. ``python recipes/sft.py ...`` and ``lora train sft ...`` both run through here.
     """
     try:
-        main(sys.argv[1:])
+        main(sys.argv[1:] if argv is None else argv)
     except (*USER_ERRORS, yaml.YAMLError) as e:
         sys.exit(f"error: {one_line(e)}")
 
@@ -182,4 +198,4 @@ def write_json_atomically(path: str | Path, data: dict) -> Path:
     return Path(path)
 
 
-__all__ = ["parse_settings", "seed_everything", "finish", "run", "write_json_atomically"]
+__all__ = ["parse_settings", "seed_everything", "finish", "data_card", "run", "write_json_atomically"]

@@ -1,54 +1,12 @@
-"""Continued pre-training with LoRA on plain text.
+"""Continued pre-training with LoRA on plain text: the same run as ``lora train pretrain``.
 
-    python recipes/pretrain.py                              # SmolLM2-135M on the bundled support-desk notes
-    python recipes/pretrain.py train_file=my.jsonl eval_file=my_eval.jsonl    # JSONL with a "text" field
+    python recipes/pretrain.py [--config recipes/configs/pretrain.yaml] [key=value ...]     # --help lists the settings
 
-Reports held-out perplexity before and after, saves the adapter and writes metrics.json.
+The code is lora/recipes/pretrain.py, installed with the package; this script is the door to it from a clone.
 """
 
-from dataclasses import dataclass
-from pathlib import Path
-
-import lora
-from lora.data import load_dataset
-from lora.recipe import finish, parse_settings, run, seed_everything
-
-DATA = Path(__file__).parent / "data"
-
-
-@dataclass(frozen=True)
-class Pretrain:
-    """Continued pre-training settings (plus every LoraConfig and TrainConfig field)."""
-
-    model: str = "smollm2-135m"
-    train_file: str = str(DATA / "notes_train.jsonl")
-    eval_file: str = str(DATA / "notes_eval.jsonl")
-    adapter_dir: str = "adapters/pretrain"
-
-    DEFAULTS = {"r": 16, "alpha": 32, "learning_rate": 1e-3, "epochs": 1.0, "batch_size": 4, "seq_len": 256,
-                "output_dir": "runs/pretrain", "log_every": 1}
-
-
-def main(argv: list[str]) -> dict:
-    settings, lora_cfg, train_cfg = parse_settings(Pretrain, argv)
-    model, tokenizer = lora.load_model(settings.model)
-    train, stats = load_dataset(settings.train_file, tokenizer, format="text", max_length=train_cfg.seq_len,
-                                overlong=train_cfg.overlong)
-    test, _ = load_dataset(settings.eval_file, tokenizer, format="text", max_length=train_cfg.seq_len)
-    print(f"train data: {stats.describe()}")
-    seed_everything(train_cfg.seed)  # A starts random: seeded, the same command gives the same adapter
-    lora.inject(model, lora_cfg)
-    trainer = lora.Trainer(model, train_cfg, train, eval_data=test)
-    perplexity_before = trainer.evaluate()["perplexity"]
-    result = trainer.train()  # after Ctrl-C: interrupted, and no final evaluation (perplexity None)
-    if not result.interrupted:
-        print(f"held-out perplexity: before {perplexity_before:.2f}, after {result.perplexity:.2f}")
-    return finish(trainer, settings.adapter_dir, train_cfg.output_dir, {
-        "perplexity_before": perplexity_before, "perplexity_after": result.perplexity,
-        "eval_loss": result.eval_loss, "steps": result.steps, "train_seconds": result.train_seconds,
-        "tokens_per_second": result.tokens_per_second, "peak_memory_bytes": result.peak_memory_bytes,
-        "interrupted": result.interrupted, "model": settings.model})
-
+from lora.recipe import run
+from lora.recipes.pretrain import Pretrain, main  # noqa: F401  (Pretrain: its settings, which tests read from here)
 
 if __name__ == "__main__":
     run(main)

@@ -3,7 +3,8 @@
 Each is two blocks at hidden size 64 and keeps what makes its family different: GQA and Llama 3's rope scaling,
 a head_dim that is not hidden/heads (Mistral), q/k/v biases (Qwen2), q/k norms (Qwen3, OLMo 2), soft-capping and
 a tied, offset-normed head (Gemma 2/3), fused qkv and gate/up projections (Phi-3), scaled logits and residuals
-(Granite), ALiBi with no rotary positions (Bloom), Conv1D layers (GPT-2).
+(Granite), ALiBi with no rotary positions (Bloom), Conv1D layers (GPT-2). The mixture-of-experts families (Mixtral,
+Qwen3-MoE, gpt-oss) keep their experts as 3-D parameter stacks.
 """
 
 from __future__ import annotations
@@ -51,9 +52,26 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
 }
 
 
+# Mixture-of-experts families, whose experts transformers 5 keeps as 3-D parameters (experts, out, in), gpt-oss's as
+# (experts, in, out) with biases; four experts, two per token. Kept apart from FAMILIES so that tests written for dense
+# models (per-family attention, GGUF) do not take them in unasked.
+MOE_FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                _llama_like(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  _llama_like(head_dim=16, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                              norm_topk_prob=True)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                _llama_like(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=128,
+                            layer_types=["sliding_attention", "full_attention"])),
+}
+# what adapts the experts of each: PEFT's target_parameters names
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
 def make_family(family: str, tokenizer, seed: int = 0) -> torch.nn.Module:
     """A tiny random model of ``family`` sized to ``tokenizer``, in eval mode, float32."""
-    config_cls, model_cls, kwargs = FAMILIES[family]
+    config_cls, model_cls, kwargs = FAMILIES[family] if family in FAMILIES else MOE_FAMILIES[family]
     torch.manual_seed(seed)
     ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     if "pad_token_id" not in kwargs:

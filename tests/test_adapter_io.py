@@ -88,8 +88,10 @@ def test_save_replaces_an_adapter_folder_but_never_deletes_other_files(tmp_path,
     assert (run / "checkpoints" / "step-0000002").is_dir()
     lora.save_adapter(llama, tmp_path / "ad")
     (tmp_path / "ad" / "README.md").write_text("PEFT's model card")
-    lora.save_adapter(llama, tmp_path / "ad")  # an adapter folder (PEFT's too) is replaced whole
-    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    lora.save_adapter(llama, tmp_path / "ad")  # an adapter folder (PEFT's too) is replaced whole, card included
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["README.md", "adapter_config.json",
+                                                                   "adapter_model.safetensors"]
+    assert "PEFT's model card" not in (tmp_path / "ad" / "README.md").read_text()
     (tmp_path / "adapters").mkdir()
     (tmp_path / "adapters" / "README.md").write_text("what this folder is for")  # not an adapter's model card
     with pytest.raises(ValueError, match=r"already holds \['README.md'\]"):

@@ -1,11 +1,11 @@
-"""Per-example attention for packed rows (lora/attention.py): the same numbers as the model's own masked SDPA."""
+"""Per-example attention for packed rows (lora/train/attention.py): the same numbers as the model's own masked SDPA."""
 
 import pytest
 import torch
 
 from conftest import make_bpe_tokenizer
 from families import FAMILIES, make_family
-from lora.attention import NAME, packed_rows, use_packed_attention
+from lora.train.attention import NAME, packed_rows, use_packed_attention
 
 # row 0 packs three examples (10, 25 and 5 tokens), row 1 is one example
 POSITIONS = torch.tensor([list(range(10)) + list(range(25)) + list(range(5)), list(range(40))])

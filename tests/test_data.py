@@ -200,9 +200,9 @@ def test_a_byte_order_mark_is_accepted(tmp_path):
 
 
 def test_an_overlong_line_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
-    import lora.data
+    import lora.data.sources
 
-    monkeypatch.setattr(lora.data, "MAX_LINE_BYTES", 1024**2)
+    monkeypatch.setattr(lora.data.sources, "MAX_LINE_BYTES", 1024**2)
     path = _write_bytes(tmp_path / "d.jsonl", b'{"text": "ok"}\n{"text": "' + b"x" * (3 * 1024**2) + b'"}\n')
     import tracemalloc
 
@@ -215,7 +215,8 @@ def test_an_overlong_line_is_refused_without_reading_it_whole(tmp_path, monkeypa
 
 
 def test_a_folder_or_a_missing_file_says_what_to_pass(tmp_path):
-    with pytest.raises(ValueError, match=r"data file .* is a folder; pass the path of a JSONL file inside it"):
+    (tmp_path / "notes.pdf").write_bytes(b"%PDF")
+    with pytest.raises(ValueError, match=r"the data folder .* holds no data files \(\.jsonl, .*\); pass a data file"):
         read_jsonl(tmp_path)
     with pytest.raises(ValueError, match=r"x.jsonl does not exist; pass the path of a JSONL file"):
         read_jsonl(tmp_path / "x.jsonl")
@@ -236,7 +237,7 @@ def test_exact_match_needs_a_prompt_before_the_answer(tmp_path):
                                                            {"role": "assistant", "content": "c"}]},
                                               {"messages": [{"role": "assistant", "content": "x"}]}])
     with pytest.raises(ValueError, match=r"d.jsonl:2: exact-match evaluation needs a conversation that ends with a "
-                                         r"prompt turn and then the assistant's answer; found the roles "
+                                         r"prompt turn and then the assistant's answer in text; found the roles "
                                          r"\['assistant'\]"):
         prompts_and_answers(path)
 

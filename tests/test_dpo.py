@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import lora
 from lora.data import load_dataset
-from lora.dpo import load_preferences
-from lora.trainer import TrainConfig, Trainer
+from lora.data import load_preferences
+from lora.train import TrainConfig, Trainer
 from conftest import make_char_tokenizer, make_llama_for, randomize_adapters
 
 
@@ -40,7 +40,7 @@ def manual_logps(model, example):
 def test_policy_and_reference_logps_are_the_model_with_and_without_its_adapters(tmp_path):
     model, pairs, trainer = setup(tmp_path)
     randomize_adapters(model, std=0.3)
-    batch = trainer._batch(pairs[:2])
+    batch = trainer.batches.make(pairs[:2])
     policy, reference = trainer.objective.pair_logps(batch)
     examples = [p["chosen"] for p in pairs[:2]] + [p["rejected"] for p in pairs[:2]]
     for i, example in enumerate(examples):
@@ -54,7 +54,7 @@ def test_policy_and_reference_logps_are_the_model_with_and_without_its_adapters(
 
 def test_loss_starts_at_log_2_and_training_separates_the_pairs(tmp_path):
     model, pairs, trainer = setup(tmp_path, max_steps=15, learning_rate=1e-2, dpo_beta=0.5)
-    batch = trainer._batch(pairs)
+    batch = trainer.batches.make(pairs)
     loss_sum, n = trainer._loss_sum(batch)
     assert n == 4 and float(loss_sum) / n == pytest.approx(math.log(2), abs=1e-6)  # fresh B = 0: policy == reference
     before = trainer.evaluate()

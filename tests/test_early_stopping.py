@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 import lora
-from lora.early_stopping import EarlyStopping, split_validation
-from lora.trainer import TrainConfig, Trainer
+from lora.train.early_stopping import EarlyStopping, split_validation
+from lora.train import TrainConfig, Trainer
 from test_trainer import setup
 
 

@@ -280,9 +280,9 @@ def test_smollm2_adapter_through_gguf_answers_held_out_prompts_like_the_merged_m
     """The real default model: a briefly trained adapter, exported to GGUF, read back by transformers."""
     from lora.data import load_dataset, prompts_and_answers
     from lora.generate import exact_match
-    from lora.trainer import TrainConfig, Trainer
+    from lora.train import TrainConfig, Trainer
 
-    data = Path(__file__).resolve().parents[1] / "recipes" / "data"
+    data = Path(__file__).resolve().parents[1] / "lora" / "recipes" / "data"
     model, tokenizer = lora.load_model("smollm2-135m")
     train, _ = load_dataset(data / "extract_train.jsonl", tokenizer, max_length=256)
     lora.inject(model, lora.LoraConfig(r=8, alpha=16))

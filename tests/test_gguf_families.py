@@ -1,12 +1,16 @@
-"""GGUF export per model family: merged files read back by transformers, adapter-only files rebuilt, refusals.
+"""GGUF export per model family: merged files read back, adapter-only files rebuilt, refusals.
 
 transformers' GGUF loader leaves some settings at its config classes' defaults (Gemma's query scale and
 soft-capping, Qwen 3's head size, GPT-2's position count, Gemma's per-layer sliding pattern, any rope scaling);
 :func:`lora.export.read_gguf_model` takes exactly those from the keys and tensors llama.cpp runs on, so a wrong key
-fails here too. The exports skip their own check (``verify=False``): these tests read every file back themselves.
+fails here too. OLMo 2 and Granite, which that loader does not read, are read by our own reader
+(:func:`lora.export.read_gguf_with_config`), itself checked against transformers' loader on the families both read.
+The exports skip their own check (``verify=False``) unless a test is about the check.
 """
 
 import json
+import re
+import shutil
 
 import gguf
 import numpy as np
@@ -19,16 +23,20 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import lora
 import lora.adapter_io
 from lora.adapter_io import read_adapter
-from lora.export import export_adapter_gguf, export_gguf, llama_cpp_pre_tokenizer, read_gguf_model
+import lora.export
+from lora.export import (export_adapter_gguf, export_base_and_adapter_gguf, export_gguf, llama_cpp_pre_tokenizer,
+                         read_gguf_model, read_gguf_with_config, verify_export)
 from conftest import make_bpe_tokenizer
 from families import FAMILIES, make_family, save_base_and_adapter
 
-EXPORTED = ["llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2"]
-# OLMo 2 and Granite: transformers' GGUF loader has no reader for them. Bloom: both read it, but it is not written
-# here (llama.cpp's converter reorders its fused per-head QKV and renames its un-prefixed norms).
-REFUSED = ["olmo2", "granite", "bloom"]
+EXPORTED = ["llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "olmo2", "granite"]
+# transformers' GGUF loader has no reader for these: our own reads them back
+OWN_READER = ["olmo2", "granite"]
+# Bloom: llama.cpp and transformers read it, but it is not written here (llama.cpp's converter reorders its fused
+# per-head QKV and renames its un-prefixed norms).
+REFUSED = ["bloom"]
 TOKENS = torch.tensor([[5, 17, 42, 9, 30, 11, 100, 200, 7, 64, 250, 3]])
-PERMUTED = {"llama3", "mistral"}  # llama.cpp's "llama" architecture interleaves rotary pairs
+PERMUTED = {"llama3", "mistral", "granite"}  # llama.cpp's "llama" and "granite" architectures interleave rotary pairs
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +68,64 @@ def exported(tmp_path_factory, tokenizer):
 
 
 @pytest.mark.parametrize("family", EXPORTED)
-def test_family_gguf_read_back_by_transformers_matches_the_merged_model(exported, family):
-    _, expected, path = exported(family)
+def test_family_gguf_read_back_matches_the_merged_model(exported, family):
+    root, expected, path = exported(family)
     with torch.no_grad():
-        got = read_gguf_model(path)(TOKENS).logits
+        got = read_gguf_model(path, base=root / "base")(TOKENS).logits
     error = float((got - expected).abs().max())
     print(f"{family}: max |d| = {error:.3g}")
     assert error <= 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_own_reader_reads_what_transformers_gguf_loader_reads(tmp_path, tokenizer, family, dtype):
+    """Our reader (the one OLMo 2 and Granite are checked with) against an independent one, on the families both
+    read: the same weights, names and Q/K order (Llama's permuted rows, Llama 3's rope_freqs, a tied head, Mistral's
+    head size, Qwen 2's biases, Qwen 3's q/k norms, Phi-3's fused projections), dequantized the same way."""
+    build(tmp_path, make_family(family, tokenizer), tokenizer)
+    path = export_gguf(tmp_path / "base", tmp_path / "model.gguf", tmp_path / "adapter", dtype=dtype, verify=False)
+    ours = read_gguf_with_config(path, AutoConfig.from_pretrained(tmp_path / "base"))
+    theirs = read_gguf_model(path)
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    for name, tensor in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], tensor), name
+    with torch.no_grad():
+        assert torch.equal(ours(TOKENS).logits, theirs(TOKENS).logits)
+
+
+def test_own_reader_takes_llama_cpp_settings_from_the_file_not_the_base(exported, tmp_path):
+    """A setting the writer left out reads back as llama.cpp's default, and a file that does not fit the base's
+    model is refused, instead of being filled in from the base's config."""
+    root, expected, path = exported("granite")
+    config = AutoConfig.from_pretrained(root / "base")
+    reader = gguf.GGUFReader(str(path))
+    writer = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "granite")  # the same tensors, without the multipliers
+    for field in reader.fields.values():
+        if field.name.startswith("granite.") and not field.name.endswith("_scale") \
+                and field.name != "granite.attention.scale":
+            writer.add_key_value(field.name, field.contents(), field.types[0])
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    bare = read_gguf_with_config(tmp_path / "bare.gguf", config)
+    assert (bare.config.logits_scaling, bare.config.residual_multiplier, bare.config.embedding_multiplier) == (1, 1, 1)
+    assert bare.config.attention_multiplier == pytest.approx(16 ** -0.5)  # llama.cpp's 1/sqrt(head_dim)
+    with torch.no_grad():
+        assert float((bare(TOKENS).logits - expected).abs().max()) > 0.1
+    with pytest.raises(ValueError, match="llama.cpp 'granite' file; a 'olmo2' model"):
+        read_gguf_with_config(path, AutoConfig.from_pretrained(exported("olmo2")[0] / "base"))
+    gemma_root, _, gemma = exported("gemma2")
+    with pytest.raises(ValueError, match="read it with read_gguf_model"):
+        read_gguf_with_config(gemma, AutoConfig.from_pretrained(gemma_root / "base"))
+
+
+def test_granite_multipliers_are_written_under_llama_cpp_keys(exported):
+    _, _, path = exported("granite")
+    fields = gguf.GGUFReader(str(path)).fields
+    keys = {gguf.Keys.LLM.LOGIT_SCALE: 4.0, gguf.Keys.LLM.RESIDUAL_SCALE: 0.5, gguf.Keys.LLM.EMBEDDING_SCALE: 2.0,
+            gguf.Keys.Attention.SCALE: 0.25}  # tests/families.py's Granite
+    assert {key: fields[key.format(arch="granite")].contents() for key in keys} == keys
 
 
 def test_llama3_rope_scaling_is_written_as_llama_cpp_rope_freqs(exported):
@@ -140,6 +199,70 @@ def test_family_adapter_gguf_rebuilds_the_adapter_delta(exported, family):
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def doubled(root):
+    """``root/adapter`` copied as ``root/adapter_x2`` with its alpha doubled (the classic wrong merge)."""
+    if not (root / "adapter_x2").exists():
+        shutil.copytree(root / "adapter", root / "adapter_x2")
+        config = json.loads((root / "adapter_x2" / "adapter_config.json").read_text())
+        config["lora_alpha"] *= 2
+        (root / "adapter_x2" / "adapter_config.json").write_text(json.dumps(config))
+    return root / "adapter_x2"
+
+
+def held_figure(line: str) -> tuple[float, float]:
+    """(the figure held to the tolerance, the tolerance) from the check's printed line or its error."""
+    rounded = re.search(r", (\S+) against it rounded as stored", line)
+    held = rounded[1] if rounded else re.search(r"max \|dlogit\| (\S+)", line)[1]
+    return float(held), float(re.search(r"tolerance (\S+?)[ ,]", line)[1])
+
+
+@pytest.mark.parametrize("family", OWN_READER)
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_olmo2_and_granite_exports_are_checked_by_our_reader(exported, tmp_path, capsys, family, dtype):
+    """Merged and adapter-only, each read back by our reader and compared with the adapter model."""
+    root = exported(family)[0]
+    export_gguf(root / "base", tmp_path / "merged.gguf", root / "adapter", dtype=dtype)
+    export_base_and_adapter_gguf(root / "base", root / "adapter", tmp_path / "split.gguf", dtype=dtype)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("checked ")]
+    assert [line.split(":")[0] for line in lines] == [
+        f"checked {tmp_path / 'merged.gguf'}", f"checked {tmp_path / 'split.gguf'}",
+        f"checked {tmp_path / 'split.gguf'} + split.adapter.gguf"]
+    assert [" against the adapter model" in line for line in lines] == [True, False, True]
+    for line in lines:
+        held, tolerance = held_figure(line)
+        assert held < tolerance / 10, line
+
+
+@pytest.mark.parametrize("family, broken", [
+    ("olmo2", "scale doubled"), ("granite", "scale doubled"), ("granite", "no Q/K permutation"),
+    ("granite", "no multipliers"), ("olmo2", "adapter GGUF scale doubled"), ("granite", "adapter GGUF scale doubled"),
+    ("granite", "adapter GGUF without Q/K permutation")])
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_wrong_olmo2_and_granite_exports_are_refused(exported, tmp_path, monkeypatch, family, broken, dtype):
+    root = exported(family)[0]
+    base, adapter = root / "base", root / "adapter"
+    base_gguf = export_gguf(base, tmp_path / "base.gguf", dtype=dtype, verify=False)  # right: no adapter in it
+    if "scale doubled" in broken:
+        merged_tensors = lora.export.merged_tensors  # the writer merges the doubled adapter, whatever it is given
+        monkeypatch.setattr(lora.export.gguf_writer, "merged_tensors",
+                            lambda folder, _, check_base=True, **kw: merged_tensors(folder, doubled(root), check_base))
+    elif "permutation" in broken:
+        monkeypatch.setattr(lora.export.gguf_writer, "permute_for_llama_cpp", lambda weight, n_head: weight)
+    else:
+        monkeypatch.setattr(lora.export.gguf_writer, "GRANITE_SCALES", {})
+    with pytest.raises(ValueError, match="export check failed") as caught:
+        if broken.startswith("adapter GGUF"):
+            made_from = doubled(root) if "doubled" in broken else adapter
+            adapter_gguf = export_adapter_gguf(base, made_from, tmp_path / "adapter.gguf")
+            verify_export(base, adapter, base_gguf, adapter_gguf=adapter_gguf)
+        else:
+            export_gguf(base, tmp_path / "model.gguf", adapter, dtype=dtype)
+    held, tolerance = held_figure(str(caught.value))
+    print(f"{family} {dtype} {broken}: {held:.3g} > {tolerance:.3g}")
+    assert held > 10 * tolerance
+    assert not (tmp_path / "model.gguf").exists()
+
+
 def test_rslora_adapter_gguf_is_exact_under_llama_cpp_scaling(tmp_path, tokenizer):
     """rsLoRA's alpha / sqrt(r) is no alpha / r for any alpha llama.cpp could be given: it is folded into B."""
     build(tmp_path, make_family("llama3", tokenizer), tokenizer, rslora=True)
@@ -196,6 +319,11 @@ def test_families_not_written_are_refused_with_the_merged_route(tmp_path, tokeni
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}, "'llama3' rope"),
     ("llama3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                                     "original_max_position_embeddings": 64}}, "'yarn' rope"),
+    ("granite", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+     "'llama3' rope"),
+    ("granite", {"logits_scaling": 0.0}, r"logits_scaling=0 \(llama.cpp reads 0 as not set\)"),
+    ("olmo2", {"attention_bias": True}, "attention biases"),  # llama.cpp refuses to load the file
 ])
 def test_settings_llama_cpp_would_run_differently_are_refused(tmp_path, tokenizer, family, change, reason):
     config_cls, model_cls, kwargs = FAMILIES[family]

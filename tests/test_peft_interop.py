@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import lora
-from lora.inject import adapters_of
 from conftest import make_gpt2, make_llama, randomize_adapters
 
 CASES = {
@@ -118,13 +117,20 @@ def test_a_classifier_adapter_trained_with_peft_loads_with_its_head(tmp_path, to
     torch.testing.assert_close(ours(tokens).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_peft_adapter_on_the_embedding_is_refused_as_unsupported(tmp_path):
+def test_a_peft_adapter_on_the_embedding_loads_with_peft_s_logits(tmp_path):
+    """LoRA on nn.Embedding (lora_embedding_A/B) is supported; tests/test_new_tokens.py checks it both ways."""
     theirs = peft.get_peft_model(make_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_embedding_A" in name:
+                p.normal_()  # PEFT starts A at zero: give the update something to do
     theirs.save_pretrained(tmp_path / "ad")
     ours = make_llama()
-    with pytest.raises(ValueError, match=r"adapts an embedding layer .*lora_embedding_A.*does not support"):
-        lora.load_adapter(ours, tmp_path / "ad")
-    assert not adapters_of(ours)
+    lora.load_adapter(ours, tmp_path / "ad")
+    ids = torch.tensor([[3, 9, 27, 4, 60]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+        assert (ours(ids).logits - make_llama()(ids).logits).abs().max() > 1e-3
 
 
 def test_task_type_of_causal_and_plain_models(tmp_path):

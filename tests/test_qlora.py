@@ -7,7 +7,7 @@ import lora
 from lora.data import load_dataset
 from lora.export import export_merged
 from lora.inject import lora_layers
-from lora.trainer import TrainConfig, Trainer
+from lora.train import TrainConfig, Trainer
 from conftest import make_char_tokenizer, make_llama_for
 from test_trainer import write_task
 

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file
 
 import lora
-from lora.trainer import Trainer
+from lora.train import Trainer
 from test_trainer import setup
 
 TESTS = Path(__file__).parent
@@ -48,7 +48,7 @@ WORKER = textwrap.dedent("""
     from safetensors.torch import save_file
     import torch
     import lora
-    from lora.trainer import Trainer
+    from lora.train import Trainer
     from test_trainer import setup
 
     scenario, tmp = {scenario!r}, Path({tmp!r})

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 import lora
-from lora.trainer import Trainer, _configure_deepspeed
+from lora.train import Trainer
+from lora.train.setup import configure_deepspeed
 from test_trainer import setup
 
 TESTS = Path(__file__).parent
@@ -40,7 +41,7 @@ WORKER = textwrap.dedent("""
     PartialState(backend="gloo")  # accelerate finds no backend for DeepSpeed without GPUs
     import torch.distributed as dist
     import lora
-    from lora.trainer import Trainer
+    from lora.train import Trainer
     from test_trainer import setup
 
     model, _, examples, cfg = setup(Path({tmp!r}), batch_size=2, **{train!r})
@@ -118,11 +119,11 @@ def test_the_deepspeed_plugin_takes_accumulation_batch_and_clipping_from_the_tra
         gradient_accumulation_steps = 1
 
     acc = Accelerator()
-    _configure_deepspeed(acc, lora.TrainConfig(batch_size=3, grad_accum=4, max_grad_norm=0.5))
+    configure_deepspeed(acc, lora.TrainConfig(batch_size=3, grad_accum=4, max_grad_norm=0.5))
     ds = acc.state.deepspeed_plugin.deepspeed_config
     # an accelerate config file's 8 would make the engine divide every loss by 8 and step on its own count
     assert ds["gradient_accumulation_steps"] == 4 and acc.gradient_accumulation_steps == 4
     assert ds["train_micro_batch_size_per_gpu"] == 3 and "train_batch_size" not in ds
     assert ds["gradient_clipping"] == 0.5 and ds["zero_allow_untested_optimizer"] is True
-    _configure_deepspeed(acc, lora.TrainConfig(max_grad_norm=None))
+    configure_deepspeed(acc, lora.TrainConfig(max_grad_norm=None))
     assert ds["gradient_clipping"] == 0.0  # DeepSpeed's "no clipping"

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import lora
-from lora.trainer import Trainer
+from lora.train import Trainer
 from test_trainer import setup
 
 TESTS = Path(__file__).parent
@@ -45,8 +45,8 @@ WORKER = textwrap.dedent("""
         transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
 
     import lora
-    from lora.checkpoint import is_sharded
-    from lora.trainer import Trainer
+    from lora.train.checkpoint import is_sharded
+    from lora.train import Trainer
     from test_trainer import setup
 
     model, _, examples, cfg = setup(Path({tmp!r}), batch_size=2, **{train!r})

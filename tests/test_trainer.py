@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import lora
 from lora.data import load_dataset
-from lora.trainer import TrainConfig, Trainer, lr_factor
+from lora.train import TrainConfig, Trainer, lr_factor
 from conftest import make_llama_for, make_char_tokenizer
 
 WORDS = ["cat", "horse", "a", "elephant", "dog", "ox", "giraffe", "bee", "rhinoceros", "yak", "emu", "lion"]
@@ -53,17 +53,17 @@ def test_accumulated_window_has_the_gradient_of_one_big_batch(tmp_path):
     rows = examples[:4]  # lengths differ, so per-micro-batch averaging would give another gradient
     assert len({len(r["input_ids"]) for r in rows}) > 1
     trainer = Trainer(model, cfg.replace(batch_size=4), examples)
-    trainer._backward_window([trainer._batch(rows)])
+    trainer._backward_window([trainer.batches.make(rows)])
     big = grads(model)
     model.zero_grad()
-    trainer._backward_window([trainer._batch([r]) for r in rows])
+    trainer._backward_window([trainer.batches.make([r]) for r in rows])
     accumulated = grads(model)
     for n in big:
         torch.testing.assert_close(accumulated[n], big[n], atol=1e-6, rtol=1e-5)
     # the naive mean of per-micro-batch means differs: the test would catch that bug
     model.zero_grad()
     for r in rows:
-        batch = trainer._batch([r])
+        batch = trainer.batches.make([r])
         loss_sum, n_terms = trainer._loss_sum(batch)
         (loss_sum / n_terms / len(rows)).backward()
     naive = grads(model)
@@ -85,14 +85,14 @@ def test_accumulation_and_batch_size_give_the_same_training(tmp_path):
 def test_packed_rows_of_a_micro_batch_run_as_one_row_without_their_padding_tails(tmp_path):
     model, _, examples, cfg = setup(tmp_path, batch_size=2)
     trainer = Trainer(model, cfg, examples)
-    assert trainer.joins_rows  # the tiny Llama runs SDPA, so attention goes per example
+    assert trainer.batches.joins_rows  # the tiny Llama runs SDPA, so attention goes per example
     rows = [r for r in trainer.rows if r["real_tokens"] < cfg.seq_len][:2]  # rows that end in a padding tail
     assert len(rows) == 2
-    joined = trainer._batch(rows, packed=True)
+    joined = trainer.batches.make(rows, packed=True)
     assert joined["input_ids"].shape == (1, sum(r["real_tokens"] for r in rows))
     assert "attention_mask" not in joined
     results = []
-    for batch in (joined, trainer._batch(rows)):  # the rows as they are, tails included
+    for batch in (joined, trainer.batches.make(rows)):  # the rows as they are, tails included
         loss, terms, tokens = trainer._backward_window([batch])
         results.append((loss, terms, tokens, grads(model)))
         model.zero_grad()
@@ -107,9 +107,9 @@ def test_an_epoch_trains_on_every_row_the_last_step_taking_the_rows_left_over(tm
     model, _, examples, cfg = setup(tmp_path, packing=False, batch_size=2, grad_accum=4)  # 8 rows a step
     trainer = Trainer(model, cfg, examples[:15])
     assert trainer.total_steps == 2
-    seen = [row for step in range(2) for batch in trainer._step_rows(step) for row in batch]
+    seen = [row for step in range(2) for batch in trainer.plan.step_rows(step) for row in batch]
     assert sorted(id(r) for r in seen) == sorted(id(r) for r in trainer.rows)  # each of the 15 rows once
-    last = trainer._window(1)
+    last = trainer.plan.window(1)
     assert len(last) == 4 and not any("padding" in b for b in last)  # 7 rows: 4 micro-batches, none idle
     assert trainer.train().steps == 2
 
@@ -189,7 +189,7 @@ KILLED_RUN = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from pathlib import Path
     import lora
-    from lora.trainer import Trainer
+    from lora.train import Trainer
     from test_trainer import setup
 
     def kill_at_5(trainer, step, metrics):
@@ -259,7 +259,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     ({"schedule": "step"}, "schedule must be one of"),
     ({"precision": "int8"}, "precision must be one of"),
     ({"warmup_ratio": 1.0}, r"warmup_ratio must be in \[0, 1\)"),
-    ({"logger": "wandb"}, "logger must be one of"),
+    ({"logger": "comet"}, "logger must be one of"),  # wandb and mlflow are loggers now
     # non-finite numbers and YAML values of the wrong type: our ValueError, never TypeError/OverflowError (fuzzer)
     ({"epochs": float("inf")}, r"epochs must be > 0 \(a finite number\), got inf"),
     ({"learning_rate": float("nan")}, r"learning_rate must be > 0 \(a finite number\), got nan"),
@@ -310,7 +310,7 @@ def test_head_only_at_labelled_positions_equals_the_full_logits_loss(tmp_path):
 
     model, _, examples, cfg = setup(tmp_path, loss_chunk=5)  # several chunks per batch
     trainer = Trainer(model, cfg, examples)
-    batch = trainer._batch(trainer.rows[:2])
+    batch = trainer.batches.make(trainer.rows[:2])
     chunked, n = trainer._loss_sum(batch)
     logits = model(**model_inputs(batch)).logits
     full = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum")
@@ -332,7 +332,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         model, _, examples, cfg = setup(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing)
         trainer = Trainer(model, cfg, examples)
         trainer.loss_module.train()
-        trainer._backward_window([trainer._batch(trainer.rows[:2])])
+        trainer._backward_window([trainer.batches.make(trainer.rows[:2])])
         grads_by_setting.append(grads(model))
     for name, g in grads_by_setting[0].items():
         torch.testing.assert_close(grads_by_setting[1][name], g, atol=1e-6, rtol=1e-5)
@@ -404,7 +404,7 @@ def test_a_hand_written_gpt_that_only_embeds_position_ids_is_not_packed(tmp_path
     notice = [line for line in capsys.readouterr().out.splitlines() if "packing off" in line]
     assert len(notice) == 1 and "PositionedGPT does not keep packed examples apart" in notice[0]
     assert trainer.rows is examples
-    batch = trainer._batch(trainer.rows[:2])
+    batch = trainer.batches.make(trainer.rows[:2])
     loss, n = trainer._loss_sum(batch)
     assert torch.isfinite(loss) and n > 0
     assert torch.equal(model.seen_positions, batch["position_ids"])  # positions still reach the model
@@ -526,7 +526,7 @@ def test_exact_match_generates_exact_match_max_new_tokens(tmp_path):
 
 
 def test_checkpoints_save_rotate_and_load_without_a_trainer(tmp_path):
-    from lora.checkpoint import Checkpoints, RunShape, gather_rng, optimizer_state, rng_state
+    from lora.train.checkpoint import Checkpoints, RunShape, gather_rng, optimizer_state, rng_state
 
     class OneProcess:
         num_processes = 1
@@ -573,8 +573,8 @@ def test_checkpoints_save_rotate_and_load_without_a_trainer(tmp_path):
 def test_evaluate_without_a_trainer_is_the_mean_token_loss_in_eval_mode(tmp_path):
     import torch.nn.functional as F
     from lora.data import IGNORE, collate, model_inputs
-    from lora.evaluate import evaluate
-    from lora.objective import BatchLoss
+    from lora.train.evaluate import evaluate
+    from lora.train.objective import BatchLoss
 
     model, _, examples, _ = setup(tmp_path, dropout=0.5)  # dropout: eval mode must switch it off
     objective = BatchLoss(model, "lm", loss_chunk=7)

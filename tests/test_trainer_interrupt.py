@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lora
-from lora.trainer import Trainer
+from lora.train import Trainer
 from test_trainer import setup
 
 TESTS = Path(__file__).parent
@@ -28,7 +28,7 @@ CHILD = textwrap.dedent("""
     import json, os, signal, sys
     sys.path.insert(0, {tests!r})
     from pathlib import Path
-    from lora.trainer import Trainer
+    from lora.train import Trainer
     from test_trainer import setup
 
     def announce(trainer, step, metrics):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lora
-from lora.trainer import TrainConfig, Trainer
+from lora.train import TrainConfig, Trainer
 from test_trainer import assert_stopped_and_resumed_run_is_exact, setup
 
 

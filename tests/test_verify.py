@@ -13,7 +13,7 @@ import lora
 import lora.export
 from lora.cli import main
 from lora.export import export_gguf, export_merged
-from lora.verify import TOLERANCES, artifact_dtype, round_as, stored_as, verify_export
+from lora.export.verify import TOLERANCES, artifact_dtype, round_as, stored_as, verify_export
 from conftest import make_bpe_tokenizer, make_gpt2, make_llama_for, randomize_adapters
 
 FIGURE = re.compile(r"checked (?P<name>\S+).*: max \|dlogit\| (?P<error>\S+) against the (?P<what>adapter|base) "
@@ -139,8 +139,9 @@ def test_a_right_bf16_merge_and_a_tokenizerless_gpt2_merge_pass(tmp_path, capsys
 def merge_with(adapter, monkeypatch):
     """Make the exporters merge ``adapter`` whatever adapter they are given: a wrong export to catch."""
     merged_tensors = lora.export.merged_tensors
-    monkeypatch.setattr(lora.export, "merged_tensors",
-                        lambda folder, _, check_base=True: merged_tensors(folder, adapter, check_base))
+    for writer in (lora.export.merged, lora.export.gguf_writer):  # each streams the base through it
+        monkeypatch.setattr(writer, "merged_tensors",
+                            lambda folder, _, check_base=True, merger=None: merged_tensors(folder, adapter, check_base))
 
 
 def test_a_merge_with_the_scale_doubled_is_refused_and_the_previous_output_stays(llama, tmp_path, monkeypatch):
@@ -165,7 +166,7 @@ def test_a_wrong_gguf_is_refused_and_the_previous_file_stays(llama, tmp_path, mo
     if broken == "scale doubled":
         merge_with(llama / "adapter_x2", monkeypatch)
     else:
-        monkeypatch.setattr(lora.export, "permute_for_llama_cpp", lambda weight, n_head: weight)
+        monkeypatch.setattr(lora.export.gguf_writer, "permute_for_llama_cpp", lambda weight, n_head: weight)
     with pytest.raises(ValueError, match=rf"export check failed: {re.escape(str(path))} \({dtype}\) .*max \|dlogit\| "
                                          rf"\S+ > tolerance \S+, which is {TOLERANCES[dtype]:g} x the largest"):
         export_gguf(llama / "base", path, llama / "adapter", dtype=dtype)
@@ -206,7 +207,7 @@ def test_cli_adapter_only_checks_the_base_gguf_with_the_adapter_gguf(llama, tmp_
     adapter_file = tmp_path / "model.adapter.gguf"
     before = digest(adapter_file)
     export_adapter_gguf = lora.export.export_adapter_gguf  # now write the adapter GGUF with its scale doubled
-    monkeypatch.setattr(lora.export, "export_adapter_gguf", lambda model, _, out, check_base=True:
+    monkeypatch.setattr(lora.export.checked, "export_adapter_gguf", lambda model, _, out, check_base=True:
                         export_adapter_gguf(model, llama / "adapter_x2", out, check_base))
     assert main(args) == 2
     assert "export check failed: " + str(tmp_path / "model.gguf") + " + model.adapter.gguf" in capsys.readouterr().err

@@ -71,7 +71,7 @@ def examples() -> list[dict]:
 
 def make_trainer(output_dir: Path, resume: bool):
     import lora
-    from lora.trainer import TrainConfig, Trainer
+    from lora.train import TrainConfig, Trainer
 
     torch.manual_seed(0)
     model = TinyLM()
@@ -101,14 +101,14 @@ def _die() -> None:
 def _install_kill(point: str, step: int, variant: int, trainer_ref: list) -> None:
     """Make the child kill itself at ``point`` of optimizer step ``step`` (the step that makes trainer.step == step)."""
     import lora.adapter_io
-    import lora.trainer
-    import lora.checkpoint
+    import lora.train.trainer
+    import lora.train.checkpoint
 
     def at_step() -> bool:
         return bool(trainer_ref) and trainer_ref[0].step == step
 
     if point == "mid-step":  # gradients of the step accumulated, the optimizer not stepped
-        real = lora.trainer.Trainer._backward_window
+        real = lora.train.trainer.Trainer._backward_window
 
         def backward_then_die(self, micro_batches):
             out = real(self, micro_batches)
@@ -116,9 +116,9 @@ def _install_kill(point: str, step: int, variant: int, trainer_ref: list) -> Non
                 _die()
             return out
 
-        lora.trainer.Trainer._backward_window = backward_then_die
+        lora.train.trainer.Trainer._backward_window = backward_then_die
     elif point in ("mid-file", "mid-adapter-file"):  # half of one checkpoint file written
-        module = lora.checkpoint if point == "mid-file" else lora.adapter_io
+        module = lora.train.checkpoint if point == "mid-file" else lora.adapter_io
         real_save, calls = module.save_file, [0]
 
         def save_half_then_die(tensors, filename, *args, **kwargs):
@@ -274,7 +274,7 @@ def run_child(output_dir: Path, kill: Kill, resume: bool, timeout: float = 300) 
 
 def kill_and_resume(workdir: Path, kills: list[Kill], reference: dict[str, torch.Tensor]) -> Outcome:
     """Run the job killed by each of ``kills`` in turn (each later child resumes), then resume it to the end here."""
-    from lora.trainer import Trainer
+    from lora.train import run_state
 
     out = workdir / "out"
     reached = [run_child(out, kill, resume=i > 0) for i, kill in enumerate(kills)]
@@ -287,21 +287,21 @@ def kill_and_resume(workdir: Path, kills: list[Kill], reference: dict[str, torch
     temporaries_before = temporaries(out)
 
     loaded: list[Path] = []
-    real_resume = Trainer._resume
+    real_resume = run_state.resume
 
-    def recording_resume(self, latest):
+    def recording_resume(trainer, latest):
         loaded.append(Path(latest))
         why = checkpoint_problem(Path(latest))  # checked again at the moment it is read
         if why:
             problems.append(f"resume loaded the half-written checkpoint {Path(latest).name}: {why}")
-        return real_resume(self, latest)
+        return real_resume(trainer, latest)
 
-    Trainer._resume = recording_resume
+    run_state.resume = recording_resume
     try:
         trainer = make_trainer(out, resume=True)
         trainer.train()
     finally:
-        Trainer._resume = real_resume
+        run_state.resume = real_resume
     resumed_from = loaded[0].name if loaded else None
     newest_complete = complete[-1] if complete else None
     if resumed_from != newest_complete:

@@ -8,7 +8,10 @@ and a failed ``load_adapter`` leaves the model as it was.
 
 Targets: ``adapter_config`` (fuzzed ``adapter_config.json`` through ``LoraConfig.from_peft``, ``read_adapter`` and
 ``load_adapter``), ``adapter_weights`` (fuzzed ``adapter_model.safetensors`` bytes through the same), ``jsonl``
-(fuzzed files through ``read_jsonl``, ``load_dataset`` and ``prompts_and_answers``) and ``recipe_settings``
+(fuzzed files through ``read_jsonl``, ``load_dataset`` and ``prompts_and_answers``), ``data_files`` (JSON arrays,
+CSV/TSV and text files through those, ``load_preferences`` and ``inspect_data``), ``parquet`` (typed tables, some
+damaged, with ``columns=``), ``formats`` (chat with tool calls, ShareGPT, preference pairs, renamed columns, as
+lists of records) and ``recipe_settings``
 (fuzzed ``key=value`` arguments and ``--config`` YAML through ``parse_settings``).
 """
 
@@ -46,6 +49,7 @@ for _p in (TESTS, ROOT / "recipes"):
         sys.path.insert(0, str(_p))
 
 from conftest import make_char_tokenizer, make_llama  # noqa: E402
+from data_templates import tool_conversation  # noqa: E402
 
 LORA_DIR = Path(lora.__file__).resolve().parent
 TIME_LIMIT_S = 30  # a case that runs longer than this is a hang
@@ -80,11 +84,11 @@ def _innermost(exc: BaseException) -> traceback.FrameSummary | None:
 
 def is_ours(exc: BaseException) -> bool:
     """A ``ValueError`` (not a subclass such as ``JSONDecodeError``) with a message, raised by a ``raise`` statement
-    of the ``lora`` package itself (not by ``int("x")`` or a library deep inside a call)."""
+    of the ``lora`` package itself, its wings included (not by ``int("x")`` or a library deep inside a call)."""
     if type(exc) is not ValueError or not str(exc).strip():
         return False
     frame = _innermost(exc)
-    if frame is None or Path(frame.filename).resolve().parent != LORA_DIR:
+    if frame is None or LORA_DIR not in Path(frame.filename).resolve().parents:  # lora/ or a wing inside it
         return False
     return frame.lineno in _raise_lines(frame.filename)
 
@@ -367,26 +371,248 @@ def jsonl_files(draw) -> tuple[bytes, int | None, str, int]:
 
 
 def check_jsonl(case: tuple[bytes, int | None, str, int]) -> None:
-    from lora.data import IGNORE, load_dataset, prompts_and_answers, read_jsonl
+    from lora.data import load_dataset, prompts_and_answers, read_jsonl
 
     target = "jsonl"
     data, max_length, overlong, which = case
     path = workdir() / "data.jsonl"
     path.write_bytes(data)
     expect_ours(target, read_jsonl, path)
-    result = expect_ours(target, load_dataset, path, tokenizers()[which], max_length=max_length, overlong=overlong)
+    result = expect_ours(target, load_dataset, path, tokenizers()[which], max_length=max_length, overlong=overlong,
+                         cache=workdir() / "cache")
     if result is not None:
-        examples, stats = result
-        for ex in examples:
-            ids = ex["input_ids"]
-            ok = bool(ids) and all(isinstance(i, int) for i in ids) and (max_length is None or len(ids) <= max_length)
-            if "targets" in ex:
-                ok = ok and len(ex["targets"]) == len(ids) and any(t != IGNORE for t in ex["targets"])
-            else:
-                ok = ok and 0 <= ex["label"] < len(stats.labels)
-            if not ok:
-                raise PropertyFailure(target, "load_dataset: malformed example", repr(ex)[:300])
+        _check_examples(target, *result, max_length)
     expect_ours(target, prompts_and_answers, path)
+
+
+def _check_examples(target: str, examples, stats, max_length: int | None) -> None:
+    """What load_dataset returned is well formed: ids are ints, within max_length, each with a loss or a label."""
+    from lora.data import IGNORE
+
+    for ex in examples:
+        ids = ex["input_ids"]
+        ok = bool(ids) and all(isinstance(i, int) for i in ids) and (max_length is None or len(ids) <= max_length)
+        if "targets" in ex:
+            ok = ok and len(ex["targets"]) == len(ids) and any(t != IGNORE for t in ex["targets"])
+        else:
+            ok = ok and 0 <= ex["label"] < len(stats.labels)
+        if not ok:
+            raise PropertyFailure(target, "load_dataset: malformed example", repr(ex)[:300])
+
+
+# -- targets: the other data sources and formats (issue 19) ------------------------------------------------------
+@functools.cache
+def data_tokenizers():
+    """ChatML (no tools), no template (the plain format), and a template that renders tools (Qwen2.5's layout)."""
+    from data_templates import TOOL_CHATML
+
+    tools = make_char_tokenizer(chat_template=TOOL_CHATML)
+    return make_char_tokenizer(), make_char_tokenizer(chat_template=None), tools
+
+
+_CELL = _TEXT | st.sampled_from(['"', '""', ",", "\t", "\n", '"a,b"', "0", "-3", "10", "spam", "\r\n", "\x00"])
+_HEADER = st.lists(st.sampled_from(_DATA_KEYS + ["chosen", "rejected", "conversations"]) | st.text(max_size=5),
+                   max_size=4)
+
+
+def _mutate(draw, data: bytes) -> bytes:
+    """Mostly the bytes as they are; else cut short, or a byte changed (a file broken in transit or by hand)."""
+    how = draw(st.sampled_from(["keep", "keep", "keep", "cut", "flip"]))
+    if not data or how == "keep":
+        return data
+    at = draw(st.integers(0, len(data) - 1))
+    return data[:at] if how == "cut" else data[:at] + bytes([data[at] ^ draw(st.integers(1, 255))]) + data[at + 1:]
+
+
+@st.composite
+def data_files(draw) -> tuple[str, bytes, int | None, int]:
+    """(suffix, file bytes, max_length, which tokenizer): JSON arrays, CSV/TSV tables, text files."""
+    import csv
+    import io
+
+    suffix = draw(st.sampled_from([".json", ".csv", ".tsv", ".txt", ".md"]))
+    good = draw(st.booleans())  # records of one format (then perhaps damaged), else anything
+    if suffix == ".json":
+        records = draw(st.lists(_GOOD_RECORD_OF[draw(st.sampled_from(sorted(_GOOD_RECORD_OF)))], min_size=1,
+                                max_size=4) if good else st.lists(_RECORD | JSON_VALUES, max_size=5))
+        data = json.dumps(records, indent=draw(st.sampled_from([None, 1])), ensure_ascii=draw(st.booleans()))
+        data = data.encode("utf-8", "surrogatepass")
+    elif suffix in (".csv", ".tsv"):
+        if good:
+            kind = draw(st.sampled_from(["alpaca", "text", "classification", "preference"]))
+            records = draw(st.lists(_GOOD_RECORD_OF[kind], min_size=1, max_size=4))
+            header, rows = sorted(records[0]), [[r[k] for k in sorted(r)] for r in records]
+        else:
+            header = draw(_HEADER)
+            rows = draw(st.lists(st.lists(_CELL, max_size=5), max_size=5))
+        delimiter = "," if suffix == ".csv" else "\t"
+        if draw(st.booleans()):  # as a spreadsheet writes it: quoted where it must be
+            out = io.StringIO()
+            csv.writer(out, delimiter=delimiter).writerows([header, *rows])
+            text = out.getvalue()
+        else:  # by hand: cells joined, quotes and delimiters where they fall
+            text = "\n".join(delimiter.join(r) for r in [header, *rows])
+        data = text.encode("utf-8", "surrogatepass")
+    else:
+        paragraphs = draw(st.lists(_TEXT | st.sampled_from(["\n", "\n\n\n", " \n \n", "#"]), max_size=6))
+        data = "".join(paragraphs).encode("utf-8", "surrogatepass")
+    if good:
+        return suffix, _mutate(draw, data), draw(st.none() | st.integers(1, 400)), draw(st.integers(0, 2))
+    data = _mutate(draw, data) if draw(st.booleans()) else data + draw(st.binary(max_size=8))
+    return suffix, data, draw(st.none() | st.integers(-1, 40)), draw(st.integers(0, 2))
+
+
+def check_data_files(case: tuple[str, bytes, int | None, int]) -> None:
+    from lora.data import inspect_data, load_dataset, load_preferences, prompts_and_answers
+
+    target = "data_files"
+    suffix, data, max_length, which = case
+    path = workdir() / f"data{suffix}"
+    path.write_bytes(data)
+    tokenizer = data_tokenizers()[which]
+    result = expect_ours(target, load_dataset, path, tokenizer, max_length=max_length, cache=workdir() / "cache")
+    if result is not None:
+        _check_examples(target, *result, max_length)
+    expect_ours(target, prompts_and_answers, path)
+    expect_ours(target, load_preferences, path, tokenizer, max_length=max_length)
+    expect_ours(target, inspect_data, path, tokenizer, max_length=max_length, show=1)
+
+
+_WORD = st.text(alphabet="abcdefghij klmnop,.\n", min_size=1, max_size=12)
+_GOOD_TURNS = st.lists(st.tuples(_WORD, _WORD), min_size=1, max_size=3)
+_GOOD_RECORD_OF = {
+    "alpaca": st.fixed_dictionaries({"instruction": _WORD, "input": _WORD, "output": _WORD}),
+    "text": st.fixed_dictionaries({"text": _WORD}),
+    "classification": st.fixed_dictionaries({"text": _WORD, "label": st.sampled_from(["spam", "ham"])}),
+    "chat": _GOOD_TURNS.map(lambda turns: {"messages": [m for q, a in turns for m in (
+        {"role": "user", "content": q}, {"role": "assistant", "content": a})]}),
+    "sharegpt": _GOOD_TURNS.map(lambda turns: {"conversations": [m for q, a in turns for m in (
+        {"from": "human", "value": q}, {"from": "gpt", "value": a})]}),
+    "preference": st.fixed_dictionaries({"instruction": _WORD, "input": _WORD, "chosen": _WORD, "rejected": _WORD}),
+    "tools": st.tuples(_WORD, st.integers(-5, 40)).map(lambda t: tool_conversation(*t)),
+}
+
+
+_PARQUET_COLUMN = st.one_of(
+    st.lists(_TEXT | st.none(), min_size=1, max_size=4),
+    st.lists(st.integers(-2**62, 2**62) | st.none(), min_size=1, max_size=4),
+    st.lists(st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", "x"]),
+                                             "content": _TEXT | st.none()}), max_size=3) | st.none(),
+             min_size=1, max_size=4),
+    st.lists(st.lists(st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system", "bot"]),
+                                             "value": _TEXT}), max_size=3), min_size=1, max_size=4),
+)
+
+
+@st.composite
+def parquet_files(draw) -> tuple[bytes, int | None, int, str | None]:
+    """(Parquet file bytes, max_length, which tokenizer, columns=): tables of typed columns, sometimes damaged."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if draw(st.booleans()):  # a table in one of the formats, a cell perhaps emptied: mostly loads
+        kind = draw(st.sampled_from(sorted(_GOOD_RECORD_OF)))
+        records = draw(st.lists(_GOOD_RECORD_OF[kind], min_size=1, max_size=4))
+        kind_keys = sorted(records[0])
+        columns = {k: [r[k] for r in records] for k in kind_keys}
+        if draw(st.integers(0, 3)) == 0:
+            key = draw(st.sampled_from(kind_keys))
+            columns[key][0] = draw(st.none() | st.just("") | _TEXT)
+    else:
+        names = draw(st.lists(st.sampled_from(_DATA_KEYS + ["conversations", "chosen", "rejected", "q", "a"]),
+                              min_size=1, max_size=4, unique=True))
+        columns = {name: draw(_PARQUET_COLUMN) for name in names}
+    rows = min(len(c) for c in columns.values())
+    try:
+        table = pa.table({name: values[:rows] for name, values in columns.items()})
+    except (pa.ArrowException, ValueError, TypeError):  # a column pyarrow cannot type: not an input users have
+        table = pa.table({"text": ["fallback"]})
+    out = io.BytesIO()
+    pq.write_table(table, out)
+    mapping = draw(st.none() | st.sampled_from(["prompt:q,completion:a", "text:q", "promt:q", "text:missing", ":"]))
+    return _mutate(draw, out.getvalue()), draw(st.none() | st.integers(1, 40)), draw(st.integers(0, 2)), mapping
+
+
+def check_parquet(case: tuple[bytes, int | None, int, str | None]) -> None:
+    from lora.data import load_dataset, load_preferences
+
+    target = "parquet"
+    data, max_length, which, columns = case
+    path = workdir() / "data.parquet"
+    path.write_bytes(data)
+    tokenizer = data_tokenizers()[which]
+    result = expect_ours(target, load_dataset, path, tokenizer, max_length=max_length, columns=columns, cache=False)
+    if result is not None:
+        _check_examples(target, *result, max_length)
+    expect_ours(target, load_preferences, path, tokenizer, columns=columns)
+
+
+_ARGUMENTS = st.sampled_from(['{"city": "Paris"}', "{city: Paris", "[1, 2]", "{}", '"x"', "", "null"]) | JSON_VALUES
+_TOOL_CALL = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.sampled_from(["get_weather", ""]) | _VALUE}, optional={"arguments": _ARGUMENTS})}) | _VALUE
+_CHAT_TURN = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool", "function"]) | _VALUE},
+    optional={"content": _TEXT | _VALUE, "tool_calls": st.lists(_TOOL_CALL, max_size=2) | _VALUE,
+              "tool_call_id": _TEXT}) | _VALUE
+_TOOLS = (st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.sampled_from(["get_weather", "x"]) | _VALUE})}) | _VALUE, max_size=2) | _TEXT | _VALUE)
+_FORMAT_RECORD = st.one_of(
+    st.fixed_dictionaries({"messages": st.lists(_CHAT_TURN, max_size=6)}, optional={"tools": _TOOLS}),
+    st.fixed_dictionaries({"conversations": st.lists(st.fixed_dictionaries(
+        {"from": st.sampled_from(["human", "gpt", "system", "bot", "user"]) | _VALUE, "value": _TEXT | _VALUE})
+        | _VALUE, max_size=5) | _VALUE}),
+    st.fixed_dictionaries({"instruction": _TEXT | _VALUE, "chosen": _TEXT | _VALUE, "rejected": _TEXT | _VALUE},
+                          optional={"input": _TEXT | _VALUE}),
+    st.fixed_dictionaries({"prompt": _TEXT, "chosen": _TEXT, "rejected": _TEXT | _VALUE}),
+    st.fixed_dictionaries({"q": _TEXT | _VALUE, "a": _TEXT | _VALUE}),
+    _RECORD,
+)
+_COLUMNS = st.none() | st.sampled_from(["prompt:q,completion:a", "prompt:q,chosen:a,rejected:a", "text:q", "q", ":",
+                                        "prompt:q,prompt:a", "messages:conversations", ""]) | st.text(max_size=10)
+
+
+def _edit(draw, value) -> None:
+    """Replace one value somewhere inside a record (a dict or list, in place) with a drawn one."""
+    while True:
+        keys = list(value) if isinstance(value, dict) else list(range(len(value)))
+        if not keys:
+            return
+        key = draw(st.sampled_from(keys))
+        if isinstance(value[key], (dict, list)) and value[key] and draw(st.booleans()):
+            value = value[key]
+            continue
+        value[key] = draw(_VALUE | _TEXT | _ARGUMENTS)
+        return
+
+
+@st.composite
+def format_records(draw) -> tuple[list, int | None, int, object]:
+    """(records, max_length, which tokenizer, columns=): chat with tool calls, ShareGPT, preference pairs in both
+    layouts, renamed columns, as a list source."""
+    if draw(st.booleans()):  # good records of one format, a value here and there replaced: past the checks
+        kind = draw(st.sampled_from(sorted(_GOOD_RECORD_OF)))
+        records = draw(st.lists(_GOOD_RECORD_OF[kind], min_size=1, max_size=3))
+        for _ in range(draw(st.integers(0, 2))):
+            _edit(draw, records[draw(st.integers(0, len(records) - 1))])
+        return records, draw(st.none() | st.integers(1, 400)), draw(st.integers(0, 2)), None
+    records = draw(st.lists(_FORMAT_RECORD, min_size=0, max_size=4))
+    return records, draw(st.none() | st.integers(1, 60)), draw(st.integers(0, 2)), draw(_COLUMNS)
+
+
+def check_format_records(case: tuple[list, int | None, int, object]) -> None:
+    from lora.data import load_dataset, load_preferences, prompts_and_answers
+
+    target = "formats"
+    records, max_length, which, columns = case
+    tokenizer = data_tokenizers()[which]
+    result = expect_ours(target, load_dataset, records, tokenizer, max_length=max_length, columns=columns,
+                         cache=False)
+    if result is not None:
+        _check_examples(target, *result, max_length)
+    expect_ours(target, load_preferences, records, tokenizer, max_length=max_length, columns=columns)
+    expect_ours(target, prompts_and_answers, records, columns=columns)
 
 
 # -- target: recipe settings -------------------------------------------------------------------------------------------
@@ -394,7 +620,7 @@ def check_jsonl(case: tuple[bytes, int | None, str, int]) -> None:
 def recipe_schema() -> tuple[type, list[str]]:
     import sft
 
-    from lora.trainer import TrainConfig
+    from lora.train import TrainConfig
 
     keys = sorted({f.name for cls in (LoraConfig, TrainConfig, sft.SFT) for f in dataclasses.fields(cls)})
     return sft.SFT, keys
@@ -460,6 +686,9 @@ TARGETS: dict[str, tuple[Callable[[], st.SearchStrategy], Callable]] = {
     "adapter_config": (adapter_config_files, check_adapter_config),
     "adapter_weights": (adapter_weight_files, check_adapter_weights),
     "jsonl": (jsonl_files, check_jsonl),
+    "data_files": (data_files, check_data_files),
+    "parquet": (parquet_files, check_parquet),
+    "formats": (format_records, check_format_records),
     "recipe_settings": (recipe_argvs, check_recipe_settings),
 }
 

@@ -449,19 +449,18 @@ def _(tmp):
     return lambda: export_merged(base, folder, tmp / "exports" / "merged")
 
 
-@row("export-gguf-unsupported-architecture", r"GGUF export supports .*'olmo2' model",
+@row("export-gguf-unsupported-architecture", r"GGUF export supports .*'bloom' model",
      r"Export a merged folder instead \(lora merge\)")
 def _(tmp):
-    from transformers import Olmo2Config, Olmo2ForCausalLM
+    from transformers import BloomConfig, BloomForCausalLM
 
     from lora.export import export_gguf
 
     torch.manual_seed(0)
-    cfg = Olmo2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    Olmo2ForCausalLM(cfg).save_pretrained(tmp / "olmo")
+    cfg = BloomConfig(vocab_size=64, hidden_size=16, n_layer=1, n_head=2)
+    BloomForCausalLM(cfg).save_pretrained(tmp / "bloom")
     out = existing_output(tmp / "exports" / "model.gguf", is_dir=False)
-    return lambda: export_gguf(tmp / "olmo", out)
+    return lambda: export_gguf(tmp / "bloom", out)
 
 
 @row("export-gguf-base-is-a-gguf-file", r"base\.gguf is a GGUF file", r"Convert it first")
@@ -533,9 +532,11 @@ def _(tmp):
     return load(jsonl(tmp, [b'{"text": "caf\xe9"}']))
 
 
-@row("data-file-is-a-folder", r"the data file .* is a folder", r"pass the path of a JSONL file inside it")
+@row("data-folder-without-data-files", r"the data folder .*data holds no data files",
+     r"pass a data file \(JSONL, JSON, CSV/TSV, Parquet")
 def _(tmp):
     (tmp / "data").mkdir()
+    (tmp / "data" / "notes.pdf").write_bytes(b"%PDF-1.4")
     return load(tmp / "data")
 
 
@@ -548,6 +549,212 @@ def _(tmp):
 @row("data-unknown-format", r"unknown data format 'csv'", r"choose one of \['alpaca', 'chat'")
 def _(tmp):
     return load(jsonl(tmp, [{"text": "a"}]), format="csv")
+
+
+# -- data sources and formats beyond JSONL (issue 19) ----------------------------------------------------------------
+def text_file(tmp: Path, name: str, content: str | bytes) -> Path:
+    path = tmp / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def tool_chat(arguments='{"city": "Paris"}') -> dict:
+    return {"tools": [TOOL], "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                                             "arguments": arguments}}]},
+        {"role": "tool", "content": "18 C"}, {"role": "assistant", "content": "It is 18 C."}]}
+
+
+@row("data-csv-wrong-field-count", r"d\.csv:3: 3 fields, but the header has 2 \(\['instruction', 'output'\]\)",
+     r"quote fields that hold the delimiter")
+def _(tmp):
+    return load(text_file(tmp, "d.csv", "instruction,output\nSay hi,hi\nSay a, b,c\n"))
+
+
+@row("data-csv-unterminated-quote", r"d\.csv:2: not valid CSV", r"quote fields .* with double quotes")
+def _(tmp):
+    return load(text_file(tmp, "d.csv", 'instruction,output\n"Say hi,hi\n'))
+
+
+@row("data-csv-no-header-names", r"d\.csv:1: the header line must name every column once", r"Name the columns")
+def _(tmp):
+    return load(text_file(tmp, "d.csv", "instruction,\nSay hi,hi\n"))
+
+
+@row("data-tsv-not-utf8", r"d\.tsv:2: not UTF-8 text \(byte 0xe9", r"save the file as UTF-8")
+def _(tmp):
+    return load(text_file(tmp, "d.tsv", b"text\tlabel\ncaf\xe9\tspam\n"))
+
+
+@row("data-parquet-wrong-columns",
+     r"d\.parquet row 1: cannot tell the format from the columns \['answer', 'question'\]",
+     r"columns=prompt:question,completion:answer")
+def _(tmp):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": ["q"], "answer": ["a"]}), tmp / "d.parquet")
+    return load(tmp / "d.parquet")
+
+
+@row("data-parquet-corrupt", r"d\.parquet is not a readable Parquet file", r"write it again")
+def _(tmp):
+    return load(text_file(tmp, "d.parquet", b"PAR1" + bytes(range(200)) + b"PAR1"))
+
+
+@row("data-json-empty-array", r"d\.json holds no examples", r"pass a data file|one JSON object per line")
+def _(tmp):
+    return load(text_file(tmp, "d.json", "[]\n"))
+
+
+@row("data-json-array-bad-record", r"d\.json:4: not valid JSON", r"a \.json file holds one JSON array of records")
+def _(tmp):
+    return load(text_file(tmp, "d.json", '[\n {"text": "a"},\n {"text": "b"\n]\n'))
+
+
+@row("data-json-array-missing-comma", r"d\.json:2: expected ',' or '\]' after record 1",
+     r"a \.json file holds one JSON array of records")
+def _(tmp):
+    return load(text_file(tmp, "d.json", '[{"text": "a"}\n {"text": "b"}]\n'))
+
+
+@row("data-json-array-not-records", r"d\.json:1 \(record 2\): expected a JSON object, found int",
+     r"one JSON object")
+def _(tmp):
+    return load(text_file(tmp, "d.json", '[{"text": "a"}, 5]'))
+
+
+@row("data-text-file-empty", r"d\.txt holds no examples", r"pass a data file")
+def _(tmp):
+    return load(text_file(tmp, "d.txt", "\n \n\n"))
+
+
+@row("data-glob-matches-nothing", r"the pattern .*\*\.parquet' matches no data file", r"check the pattern")
+def _(tmp):
+    return load(tmp / "*.parquet")
+
+
+@row("data-sharegpt-unknown-role", r"d\.jsonl:1: conversations\[1\] has the unknown role 'from': 'bot'",
+     r"rename it to one of them")
+def _(tmp):
+    return load(jsonl(tmp, [{"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}]))
+
+
+@row("data-sharegpt-no-gpt-turn", r"d\.jsonl:1: 'conversations' has no 'gpt' turn", r"nothing to learn")
+def _(tmp):
+    return load(jsonl(tmp, [{"conversations": [{"from": "human", "value": "hi"}]}]))
+
+
+@row("data-chat-unknown-role", r"d\.jsonl:1: messages\[1\] must be \{'role': one of \['system', 'user', "
+     r"'assistant', 'tool'\]", r"'content': a string")
+def _(tmp):
+    return load(jsonl(tmp, [{"messages": [{"role": "user", "content": "q"}, {"role": "function", "content": "x"}]}]))
+
+
+@row("data-tool-arguments-not-json", r"d\.jsonl:1: messages\[1\]\.tool_calls\[0\]\.function\.arguments is not JSON",
+     r"write it as JSON")
+def _(tmp):
+    return load(jsonl(tmp, [tool_chat(arguments="{city: Paris")]))
+
+
+@row("data-tool-arguments-not-an-object", r"d\.jsonl:1: messages\[1\]\.tool_calls\[0\]\.function\.arguments must "
+     r"be a JSON object, got \[1, 2\]", r"write the arguments as an object")
+def _(tmp):
+    return load(jsonl(tmp, [tool_chat(arguments="[1, 2]")]))
+
+
+@row("data-tools-not-a-list", r"d\.jsonl:1: 'tools' must be a list of", r"OpenAI's layout")
+def _(tmp):
+    return load(jsonl(tmp, [{**tool_chat(), "tools": {"name": "get_weather"}}]))
+
+
+@row("data-tools-template-cannot-render", r"d\.jsonl:1: the tokenizer's chat template does not render tools",
+     r"use a model whose chat template renders tools")
+def _(tmp):
+    return load(jsonl(tmp, [tool_chat()]))  # the ChatML test template writes role and content only
+
+
+@row("data-tools-template-ignores-them", r"d\.jsonl:1: the tokenizer's chat template does not render tools \(the "
+     r"tool 'get_weather' does not appear", r"use a model whose chat template renders tools")
+def _(tmp):
+    chat = {"tools": [TOOL], "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    return load(jsonl(tmp, [chat]))
+
+
+@row("data-tools-without-a-template", r"d\.jsonl:1: this tokenizer has no chat template, so tool definitions",
+     r"use a model whose chat template renders tools")
+def _(tmp):
+    from lora.data import load_dataset
+
+    path = jsonl(tmp, [tool_chat()])
+    return lambda: load_dataset(path, make_char_tokenizer(chat_template=None))
+
+
+@row("data-columns-unknown-field", r"columns: \['promt'\] is not a field of any format",
+     r"the fields are \['instruction'")
+def _(tmp):
+    return load(jsonl(tmp, [{"q": "a", "a": "b"}]), columns="promt:q,completion:a")
+
+
+@row("data-columns-malformed", r"columns='prompt=q': 'prompt=q' is not 'field:column'",
+     r"columns=prompt:question,completion:answer")
+def _(tmp):
+    return load(jsonl(tmp, [{"q": "a", "a": "b"}]), columns="prompt=q")
+
+
+@row("data-columns-missing-column", r"d\.jsonl:2: no column 'question', which columns= maps to 'prompt'",
+     r"fix the mapping")
+def _(tmp):
+    return load(jsonl(tmp, [{"question": "q", "answer": "a"}, {"answer": "a"}]),
+                columns="prompt:question,completion:answer")
+
+
+@row("data-arrow-folder-is-a-dataset-dict", r"holds a DatasetDict \(the splits \['train'\]\)",
+     r"pass one split's folder, e.g. .*train")
+def _(tmp):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_dict({"text": ["a"]})}).save_to_disk(str(tmp / "ds"))
+    return load(tmp / "ds")
+
+
+@row("data-dataset-wrong-columns", r"the Dataset row 1: cannot tell the format from the columns \['a', 'b'\]",
+     r"columns=")
+def _(tmp):
+    from datasets import Dataset
+
+    from lora.data import load_dataset
+
+    dataset = Dataset.from_dict({"a": ["x"], "b": ["y"]})
+    return lambda: load_dataset(dataset, make_char_tokenizer())
+
+
+@row("data-list-not-records", r"records\[1\]: expected a JSON object, found str", r"one JSON object")
+def _(tmp):
+    from lora.data import load_dataset
+
+    return lambda: load_dataset([{"text": "a"}, "b"], make_char_tokenizer())
+
+
+@row("data-not-a-source", r"cannot read data from a int", r"pass a data file")
+def _(tmp):
+    from lora.data import load_dataset
+
+    return lambda: load_dataset(5, make_char_tokenizer())
+
+
+@row("data-preferences-alpaca-layout-missing-rejected", r"d\.jsonl:2: 'instruction', 'chosen' and 'rejected' .*must be "
+     r"strings for the 'preference' format", r"found keys \['chosen', 'input', 'instruction'\]")
+def _(tmp):
+    from lora.data import load_preferences
+
+    path = jsonl(tmp, [{"instruction": "Say", "input": "hi", "chosen": "hi", "rejected": "no"},
+                       {"instruction": "Say", "input": "yo", "chosen": "yo"}])
+    return lambda: load_preferences(path, make_char_tokenizer())
 
 
 # -- recipe settings (lora.recipe.parse_settings) ---------------------------------------------------------------------
@@ -667,6 +874,18 @@ def _(tmp):
     return ["export", "gguf", "--out", str(tmp / "m.gguf"), "--dtype", "q4"]
 
 
+@row("cli-data-inspect-source-missing", r"data file .*missing\.csv does not exist", r"pass the path of", kind="cli")
+def _(tmp):
+    return ["data", "inspect", str(tmp / "missing.csv"), "--model", str(chat_model_dir(tmp))]
+
+
+@row("cli-data-inspect-sharegpt-unknown-role", r"d\.jsonl:1: conversations\[0\] has the unknown role",
+     r"rename it", kind="cli")
+def _(tmp):
+    data = jsonl(tmp, [{"conversations": [{"from": "robot", "value": "x"}]}])
+    return ["data", "inspect", str(data), "--model", str(chat_model_dir(tmp))]
+
+
 # -- as a user runs them: subprocesses ---------------------------------------------------------------------------------
 @row("proc-sft-config-not-yaml", r"bad\.yaml", r"YAML|fix", kind="proc")
 def _(tmp):
@@ -681,6 +900,13 @@ def _(tmp):
     return [PYTHON, str(ROOT / "recipes" / "sft.py"), f"model={chat_model_dir(tmp)}", f"train_file={train}",
             f"eval_file={train}", f"output_dir={tmp / 'notes.txt' / 'run'}", f"adapter_dir={tmp / 'ad'}",
             "max_steps=1", "batch_size=1", "grad_accum=1", "seq_len=64"]
+
+
+@row("proc-sft-train-file-malformed-csv", r"t\.csv:3: 3 fields, but the header has 2", r"quote fields", kind="proc")
+def _(tmp):
+    train = text_file(tmp, "t.csv", "instruction,output\nSay hi,hi\nSay a, b,c\n")
+    return [PYTHON, str(ROOT / "recipes" / "sft.py"), f"model={chat_model_dir(tmp)}", f"train_file={train}",
+            f"eval_file={train}", f"output_dir={tmp / 'run'}", f"adapter_dir={tmp / 'ad'}", "max_steps=1"]
 
 
 @row("proc-cli-merge-model-missing", r"missing.*(does not exist|no such folder)", r"pass|embedded", kind="proc")

@@ -10,7 +10,8 @@ import fuzz_targets
 from fuzz_targets import PropertyFailure, expect_ours, is_ours
 
 # A few hundred cases in all, derandomized so CI is reproducible; bench/fuzz.py explores with fresh seeds.
-CI_CASES = {"adapter_config": 80, "adapter_weights": 120, "jsonl": 150, "recipe_settings": 150}
+CI_CASES = {"adapter_config": 80, "adapter_weights": 120, "jsonl": 150, "recipe_settings": 150, "data_files": 150,
+            "parquet": 80, "formats": 150}
 
 
 @pytest.mark.parametrize("name", sorted(fuzz_targets.TARGETS))

@@ -1,6 +1,6 @@
 """Writes the bundled example data in this folder. Seeded: running it again gives the same files.
 
-    python recipes/data/make_data.py
+    python lora/recipes/data/make_data.py
 
 - extract_{train,eval}.jsonl  Alpaca format: pull one field (order number, customer name or city) out of a short
                               customer message. Answers are exact strings, so accuracy is exact match.

@@ -11,14 +11,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE
+from ..data import IGNORE
 from .dpo import dpo_loss
 
 
 @torch.no_grad()
 def evaluate(objective: Any, batches: Iterable[dict[str, torch.Tensor]],
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, float]:
-    """Held-out metrics of ``objective`` (the trainer's :class:`lora.objective.BatchLoss`) over ``batches``.
+    """Held-out metrics of ``objective`` (the trainer's :class:`lora.train.objective.BatchLoss`) over ``batches``.
 
     The model runs in eval mode (no dropout) and is put back in the mode it was in.
 

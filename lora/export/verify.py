@@ -1,9 +1,17 @@
 """Checking an export: the written artifact's logits against the adapter model's, on a few fixed prompts.
 
 The reference is the base loaded in float32 with the adapter applied by :func:`lora.load_adapter`: the model the
-adapter was trained as. The artifact (a merged Hugging Face folder, or a GGUF file read back through transformers'
-GGUF loader, which dequantizes, by :func:`lora.export.read_gguf_model`) is run on the same prompts, and the largest
-logit difference is reported.
+adapter was trained as. The artifact (a merged Hugging Face folder, or a GGUF file read back and dequantized by
+:func:`lora.export.read_gguf_model`: through transformers' GGUF loader, or for the architectures it does not read,
+OLMo 2 and Granite, by our own reader, which builds the model from the base's config with every setting llama.cpp
+takes from the file taken from it) is run on the same prompts, and the largest logit difference is reported.
+
+Both readers put the file's weights back as llama.cpp's converter lays them out (Q/K rows interleaved for the
+architectures with llama.cpp's "normal" rope, Gemma's norms offset by 1), from their own tables: transformers' for
+its loader, :mod:`.gguf_arch`'s for ours, the same tables the writer follows. So for OLMo 2 and Granite the check
+catches what the writer gets wrong against those tables (a scale, a permutation left out, a key not written, a
+tensor under the wrong name), while whether the tables say what llama.cpp does is for tests/test_llama_cpp.py, which
+runs the files in llama.cpp itself.
 
 An artifact stored in f16, bf16 or q8_0 differs from the reference by its rounding, and q8_0's rounding moves
 logits by a few percent, as much as a lightly trained adapter does (see :data:`TOLERANCES`): no fixed tolerance
@@ -16,7 +24,8 @@ under the wrong name stays far off.
 
 Memory: the check loads the model twice, one copy after the other, each in float32 (4 bytes per parameter whatever
 the artifact's dtype): about as much memory as a float32 copy of the model, twice that while transformers reads a
-GGUF file (it holds the file's dequantized tensors and the model at once). Measured on smollm2-135m (540 MB in
+GGUF file (it holds the file's dequantized tensors and the model at once; our own reader holds one tensor at a
+time). Measured on smollm2-135m (540 MB in
 float32), peak memory without and with the check: 458 and 1193 MiB for ``lora merge``, 544 and 1400 MiB for a q8_0
 GGUF. ``verify=False`` / ``--no-verify`` in the exporters skips it.
 """
@@ -76,8 +85,7 @@ class Check:
         artifact: What was checked (its final name when written under a temporary one).
         dtype: The artifact's least precise weight dtype, which sets the tolerance (``f32``, ``f16``, ...).
         max_dlogit: Largest |artifact logit - reference logit| over every position of :data:`PROMPTS`, the
-            reference being the adapter model (or the base, see ``compared_with``); None when the artifact could
-            not be checked (see ``note``).
+            reference being the adapter model (or the base, see ``compared_with``).
         rounded_dlogit: The same against the reference with its weights rounded as the artifact stores them: the
             figure held to ``tolerance`` (equal to ``max_dlogit`` for an all-f32 artifact).
         tolerance: The largest ``rounded_dlogit`` accepted.
@@ -90,8 +98,8 @@ class Check:
 
     artifact: str
     dtype: str
-    max_dlogit: float | None
-    rounded_dlogit: float | None
+    max_dlogit: float
+    rounded_dlogit: float
     tolerance: float
     largest_logit: float
     adapter_effect: float | None
@@ -99,8 +107,6 @@ class Check:
     note: str = ""
 
     def __str__(self) -> str:
-        if self.max_dlogit is None:
-            return f"{self.artifact}: {self.note}"
         text = f"checked {self.artifact}: max |dlogit| {self.max_dlogit:.3g} against {self.compared_with}"
         if self.rounded_dlogit != self.max_dlogit:
             text += f", {self.rounded_dlogit:.3g} against it rounded as stored"
@@ -145,7 +151,7 @@ def round_as(weight: torch.Tensor, how: str) -> torch.Tensor:
     if how == "f16":
         return weight.half().float()
     if how in ("q8_0", "q8_0_t"):
-        from .models import require_gguf
+        from ..models import require_gguf
 
         gguf = require_gguf()
         q8_0 = gguf.GGMLQuantizationType.Q8_0
@@ -242,13 +248,19 @@ def reference_logits(folder: Path, adapter: str | os.PathLike | None, ids: list[
     """
     from transformers import AutoModelForCausalLM
 
-    from .adapter_io import load_adapter
-    from .inject import disabled
-    from .merge import merge_and_unload
+    from ..adapter_io import load_adapter
+    from ..inject import disabled
+    from ..merge import merge_and_unload
+    from ..tokens import add_tokens_like, read_added_tokens
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
     base = None
     if adapter is not None:
+        record = read_added_tokens(adapter)
+        if record:  # trained after tokens were added to the base: this copy of the base grows the same way first
+            from transformers import AutoTokenizer
+
+            add_tokens_like(model, AutoTokenizer.from_pretrained(folder, local_files_only=True), record)
         # the exporter has checked that the adapter belongs to this base (or was told not to): apply it as it is
         load_adapter(model, adapter, check_base=False)
         with disabled(model):
@@ -267,12 +279,13 @@ def reference_logits(folder: Path, adapter: str | os.PathLike | None, ids: list[
 
 
 def _as_read(B: torch.Tensor, stored: torch.Tensor, read: torch.Tensor, config) -> torch.Tensor | None:
-    """``B``'s rows in the order transformers' GGUF loader gave the base weight they update (None: no known order).
+    """``B``'s rows in the order the GGUF reader gave the base weight they update (None: no known order).
 
-    Decided from the weights themselves: the loader either kept a stored base weight's rows as they are, or put
-    llama.cpp's interleaved rotary rows back into halves per head (Q with the query heads, K with the key heads).
+    Decided from the weights themselves: the reader (transformers' or ours) either kept a stored base weight's rows
+    as they are, or put llama.cpp's interleaved rotary rows back into halves per head (Q with the query heads, K
+    with the key heads).
     """
-    from .export import unpermute_from_llama_cpp
+    from .gguf_arch import unpermute_from_llama_cpp
 
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         return a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=0)
@@ -286,16 +299,16 @@ def _as_read(B: torch.Tensor, stored: torch.Tensor, read: torch.Tensor, config) 
 
 
 def apply_adapter_gguf(model: nn.Module, base_gguf: Path, adapter_gguf: Path) -> str | None:
-    """Add a llama.cpp LoRA GGUF's updates into a model read from ``base_gguf`` by transformers, as llama.cpp would.
+    """Add a llama.cpp LoRA GGUF's updates into a model read back from ``base_gguf``, as llama.cpp would.
 
     llama.cpp adds ``alpha / r * B A`` to each named weight (a factor of 1 when the file's alpha is 0). The rows of
-    ``B`` are put in the order in which transformers' loader gave that weight (see :func:`_as_read`).
+    ``B`` are put in the order in which the reader gave that weight (see :func:`_as_read`).
 
     Returns:
         None when every update found its layer; otherwise why the adapter could not be applied (the model is then
         partly changed: use it no further).
     """
-    from .models import require_gguf
+    from ..models import require_gguf
 
     gguf = require_gguf()
     reader = gguf.GGUFReader(str(adapter_gguf))
@@ -329,7 +342,7 @@ def apply_adapter_gguf(model: nn.Module, base_gguf: Path, adapter_gguf: Path) ->
             B = _as_read(B, base.reshape(module.weight.shape) if base.numel() == module.weight.numel() else base,
                          module.weight, model.config.get_text_config())
             if B is None or (B.shape[0], A.shape[1]) != tuple(module.weight.shape):
-                return f"transformers read {gguf_name} in a layout this check cannot match the adapter to"
+                return f"{gguf_name} was read back in a layout this check cannot match the adapter to"
             module.weight += (alpha / A.shape[0] if alpha else 1.0) * B @ A  # (out, in)
             pending.discard(gguf_name)
     if pending:
@@ -337,32 +350,30 @@ def apply_adapter_gguf(model: nn.Module, base_gguf: Path, adapter_gguf: Path) ->
     return None
 
 
-def read_artifact(artifact: Path, ids: list[torch.Tensor], adapter_gguf: Path | None = None
-                  ) -> tuple[list[torch.Tensor] | None, dict[str, str], str | None]:
-    """The logits of a merged folder or a GGUF file read back in float32 (with ``adapter_gguf`` applied), how each
-    weight was stored (:func:`stored_as`, before the adapter GGUF is added), and why nothing could be checked.
+def read_artifact(artifact: Path, ids: list[torch.Tensor], adapter_gguf: Path | None = None,
+                  base: Path | None = None) -> tuple[list[torch.Tensor], dict[str, str]]:
+    """The logits of a merged folder or a GGUF file read back in float32 (with ``adapter_gguf`` applied), and how
+    each weight was stored (:func:`stored_as`, before the adapter GGUF is added).
 
-    Returns:
-        ``(logits, storage, None)``; ``(None, {}, why)`` when transformers does not read this GGUF architecture.
+    A GGUF file of an architecture transformers' GGUF loader does not read is read by our own reader, which builds
+    the model from the config of ``base`` (the folder the file was written from).
 
     Raises:
-        ValueError: transformers could not read the artifact back, or the adapter GGUF could not be applied.
+        ValueError: the artifact could not be read back, or the adapter GGUF could not be applied.
     """
     from transformers import AutoModelForCausalLM
 
-    from .export import read_gguf_model  # transformers' GGUF loader, with what it misses taken from the file
+    from .gguf_reader import read_gguf_model  # transformers' GGUF loader with what it misses, or our own reader
 
     try:
         if artifact.is_dir():
             model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32, local_files_only=True)
         else:
-            model = read_gguf_model(artifact, dtype=torch.float32)
+            model = read_gguf_model(artifact, dtype=torch.float32, base=base)
     except ValueError as e:
-        if "not supported" in str(e) and not artifact.is_dir():  # transformers' words for a GGUF architecture
-            return None, {}, f"transformers' GGUF loader does not read this architecture ({e})"
-        raise ValueError(f"transformers could not read back what was written: {e}") from e
+        raise ValueError(f"what was written could not be read back: {e}") from e
     except (RuntimeError, OSError, KeyError) as e:
-        raise ValueError(f"transformers could not read back what was written ({type(e).__name__}: "
+        raise ValueError(f"what was written could not be read back ({type(e).__name__}: "
                          f"{' '.join(str(e).split())})") from e
     storage = {name: stored_as(param) for name, param in model.named_parameters()}
     why = apply_adapter_gguf(model, artifact, adapter_gguf) if adapter_gguf is not None else None
@@ -371,7 +382,7 @@ def read_artifact(artifact: Path, ids: list[torch.Tensor], adapter_gguf: Path | 
         raise ValueError(f"the adapter GGUF could not be applied to the base GGUF as llama.cpp would ({why})")
     logits = _logits(model.eval(), ids)
     _free(model)
-    return logits, storage, None
+    return logits, storage
 
 
 def artifact_dtype(artifact: Path) -> str:
@@ -393,7 +404,7 @@ def artifact_dtype(artifact: Path) -> str:
                     if len(piece.get_shape()) >= 2 and piece.get_dtype() in names:
                         found.add(names[piece.get_dtype()])
     else:
-        from .models import require_gguf
+        from ..models import require_gguf
 
         for tensor in require_gguf().GGUFReader(str(artifact)).tensors:
             if len(tensor.shape) >= 2:
@@ -417,11 +428,11 @@ def verify_export(model: str | os.PathLike, adapter: str | os.PathLike | None, a
                   adapter_gguf: str | os.PathLike | None = None, name: str | None = None) -> Check:
     """Compare an exported artifact's logits with the adapter model's on :data:`PROMPTS`; refuse a wrong one.
 
-    The artifact is read back (a merged folder with ``from_pretrained``, a GGUF file through transformers' GGUF
-    loader, which dequantizes), run, and let go; then the base is loaded in float32 with the adapter applied by
-    :func:`lora.load_adapter`, run, rounded as the artifact stores its weights, and run again (see the module's
-    docstring). Memory: the model is loaded twice, one copy after the other, each in float32; ``verify=False`` in
-    the exporters skips this.
+    The artifact is read back (a merged folder with ``from_pretrained``, a GGUF file by
+    :func:`lora.export.read_gguf_model`, which dequantizes), run, and let go; then the base is loaded in float32
+    with the adapter applied by :func:`lora.load_adapter`, run, rounded as the artifact stores its weights, and run
+    again (see the module's docstring). Memory: the model is loaded twice, one copy after the other, each in
+    float32; ``verify=False`` in the exporters skips this.
 
     Args:
         model: The base: an embedded name or an HF folder.
@@ -433,15 +444,14 @@ def verify_export(model: str | os.PathLike, adapter: str | os.PathLike | None, a
             an error then says that the artifact was not kept).
 
     Returns:
-        The :class:`Check`; ``str()`` of it is the line to show the user. A GGUF architecture that transformers
-        does not read is not checked (``max_dlogit`` None, and the note says so).
+        The :class:`Check`; ``str()`` of it is the line to show the user.
 
     Raises:
         ValueError: max |dlogit| against the rounded reference above the tolerance for the artifact's dtype (the
             message names the artifact, the figures, the tolerance and what to do), logits of another shape, or an
-            artifact that transformers cannot read back.
+            artifact that cannot be read back.
     """
-    from .export import resolve_base_folder
+    from .base import resolve_base_folder
 
     folder, artifact = resolve_base_folder(model), Path(artifact)
     kept_out, name = name is not None, str(name if name is not None else artifact)
@@ -449,13 +459,11 @@ def verify_export(model: str | os.PathLike, adapter: str | os.PathLike | None, a
     ids = prompt_ids(folder)
     with _no_progress_bars():
         try:
-            got, storage, skipped = read_artifact(artifact, ids, Path(adapter_gguf) if adapter_gguf else None)
+            got, storage = read_artifact(artifact, ids, Path(adapter_gguf) if adapter_gguf else None, folder)
         except ValueError as e:
-            raise ValueError(f"export check of {name}: {e}. Nothing was replaced. If transformers is at fault (its "
-                             f"GGUF loader lags llama.cpp for some models), export with verify=False (--no-verify)"
-                             ) from e
-        if got is None:
-            return Check(name, dtype, None, None, math.nan, math.nan, None, "", f"not checked: {skipped}")
+            raise ValueError(f"export check of {name}: {e}. Nothing was replaced. If the reader is at fault "
+                             f"(transformers' GGUF loader lags llama.cpp for some models), export with verify=False "
+                             f"(--no-verify)") from e
         note = ""
         reference, base, rounded = reference_logits(folder, adapter, ids, storage, adapter_on_top=bool(adapter_gguf))
     compared_with = "the adapter model" if adapter is not None else "the base model"

@@ -25,9 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter_io import read_on_save, save_adapter
-from .atomic import atomic_dir, remove_leftovers
-from .inject import adapters_of
+from ..adapter_io import read_on_save, save_adapter
+from ..atomic import atomic_dir, remove_leftovers
+from ..inject import adapters_of
 
 
 @contextlib.contextmanager

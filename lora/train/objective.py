@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import IGNORE, collate, model_inputs, pack
+from ..inject import disabled
 from .attention import packed_rows
-from .data import IGNORE, collate, model_inputs, pack
+from . import grpo
 from .dpo import dpo_loss
-from .inject import disabled
 
 
 def _forward_takes(model: nn.Module) -> set[str]:
@@ -40,6 +41,44 @@ def _head_and_decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return decoder, head
 
 
+class _HeadLoss(torch.autograd.Function):
+    """The summed cross-entropy of ``head(hidden)`` at ``wanted``, its backward pass done within the forward, a chunk
+    at a time (issue 25).
+
+    Chunking alone bounds the logits that exist at once in evaluation, but not in training: autograd keeps every
+    chunk's ``(chunk, vocab)`` float32 log-softmax for the backward pass, so the loss held ``N x vocab x 4`` bytes,
+    1.6 GB for 8,192 target tokens of SmolLM2's 49,152-token vocabulary, more than the whole checkpointed model.
+    Here each chunk's gradient with respect to its hidden states (``softmax - one_hot``, through the head) is
+    computed at once and kept, ``N x hidden``; the logits of a chunk are freed before the next. No work is added:
+    the same products run, in the forward instead of the backward pass. Only for a frozen head (the head's own
+    weight gradient would be a ``vocab x hidden`` tensor per chunk).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, wanted: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)  # (N, H)
+        for start in range(0, len(wanted), chunk):
+            targets = wanted[start:start + chunk]
+            with torch.enable_grad():
+                piece = hidden[start:start + chunk].detach().requires_grad_()
+                logits = head(piece)  # (chunk, vocab), in the autocast dtype
+            z = logits.detach().float()  # the same storage in fp32: the head's backward never reads its output
+            lse = torch.logsumexp(z, dim=-1)  # (chunk,)
+            total += (lse - z.gather(1, targets[:, None])[:, 0]).sum()
+            probs = z.sub_(lse[:, None]).exp_()  # softmax, in place; minus one at the target: d loss / d logits
+            probs[torch.arange(len(targets), device=targets.device), targets] -= 1
+            grad[start:start + chunk] = torch.autograd.grad(logits, piece, probs.to(logits.dtype))[0]
+            del logits, z, probs
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None
+
+
 def _max_relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to b's largest magnitude (0 for equal tensors)."""
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
@@ -51,8 +90,9 @@ class BatchLoss(nn.Module):
     It is this module, not the bare model, that accelerate wraps for DDP/FSDP, so the whole differentiated forward
     (including the hidden-states-then-head shortcut) runs inside the wrapper and gradients are synchronised.
 
-    ``task`` is ``"lm"`` (token cross-entropy), ``"classification"`` (one label per example) or ``"preference"``
-    (DPO over pairs: a batch holds the chosen completions, then the rejected ones, row for row).
+    ``task`` is ``"lm"`` (token cross-entropy), ``"classification"`` (one label per example), ``"preference"``
+    (DPO over pairs: a batch holds the chosen completions, then the rejected ones, row for row) or ``"grpo"``
+    (sampled completions and their advantages, :mod:`lora.train.grpo`).
 
     Anything else that runs the model while it is wrapped (probes, evaluation, generation) goes through this
     module's forward too, as ``forward(inside=fn)``: FSDP2 gathers the root's own parameters (embeddings, final norm,
@@ -68,6 +108,8 @@ class BatchLoss(nn.Module):
         self.candidate = None if task == "classification" else _head_and_decoder(model)
         self.parts: tuple[nn.Module, nn.Module] | None = None  # the shortcut, once check_shortcut has proved it
         self.takes = _forward_takes(model)
+        self.grpo = None  # GRPO's settings, for task "grpo" (set by lora.train.grpo_trainer.GRPOTrainer)
+        self.grpo_stats: dict[str, float] = {}  # GRPO's KL and clipping counts since the plan last read them
 
     @torch.no_grad()
     def check_shortcut(self, batch: dict[str, torch.Tensor]) -> tuple[bool, float]:
@@ -105,6 +147,8 @@ class BatchLoss(nn.Module):
         if self.task == "classification":
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        if self.task == "grpo":  # sampled completions, their advantages and reference (lora/train/grpo.py)
+            return grpo.summed_loss(self, batch)
         if self.task == "preference":
             policy, reference = self.pair_logps(batch)
             n = len(policy) // 2
@@ -119,6 +163,8 @@ class BatchLoss(nn.Module):
         hidden = decoder(**model_inputs(batch)).last_hidden_state  # (B, T, H)
         keep = targets != IGNORE
         hidden, wanted = hidden[keep], targets[keep]  # (N, H), (N,): only positions that carry a label
+        if hidden.requires_grad and torch.is_grad_enabled() and not any(p.requires_grad for p in head.parameters()):
+            return _HeadLoss.apply(hidden, wanted, head, self.loss_chunk)  # training: no (N, vocab) kept
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, len(wanted), self.loss_chunk):
             # (chunk, vocab) logits exist one chunk at a time, never (B, T, vocab) in float32

@@ -1,0 +1,95 @@
+"""A Trainer's run in checkpoints: saving its current step, resuming one, refusing to resume under other settings,
+and setting an earlier run's checkpoints aside. The files themselves are :mod:`lora.train.checkpoint`'s."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .checkpoint import Checkpoints, RunShape, gather_rng, optimizer_state, rng_state, whole_parameters
+from .config import RUN_SETTINGS, TrainConfig
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+def save_checkpoint(trainer: Trainer) -> Path:
+    """Write adapter + optimizer + RNG + data position for the current step, atomically; keep the newest N.
+
+    Called by every process together (each one's RNG state is gathered); the main process writes. Returns the
+    checkpoint's folder on every process.
+    """
+    acc = trainer.accelerator
+    rng = trainer.rng_at_step or rng_state()
+    rng_tensors = gather_rng(acc, rng)  # a collective: before any process returns
+    final = trainer.checkpoints.folder / f"step-{trainer.step:07d}"
+    # DeepSpeed's ZeRO keeps the optimizer state partitioned inside its engine, out of reach. FSDP2's moments
+    # are shards: every process gathers them (a collective) before the main process writes.
+    plan_state = trainer.plan.state()  # GRPO's settings and rollouts under way; every process (it may gather)
+    optim_state = None
+    if not trainer.deepspeed and (acc.is_main_process or trainer.sharded):
+        optim_state = optimizer_state(trainer.optimizer, {id(p): n for n, p in trainer.model.named_parameters()
+                                                          if p.requires_grad})
+    with whole_parameters(trainer.loss_module):  # FSDP: every process gathers, the main one writes whole tensors
+        if acc.is_main_process:
+            early = trainer.early_stopping
+            trainer.checkpoints.save(trainer.step, trainer.model, optim_state, trainer.adapter, rng, rng_tensors, {
+                "total_steps": trainer.total_steps, "shape": dataclasses.asdict(trainer.shape()),
+                "history": trainer.history, "config": dataclasses.asdict(trainer.cfg),
+                **({"plan": plan_state} if plan_state else {}),
+                **({} if early is None else {"early_stopping": early.state()})},
+                best_weights=None if early is None else early.best_weights)
+    acc.wait_for_everyone()  # every process returns once the checkpoint is complete
+    return final
+
+
+def resume(trainer: Trainer, latest: Path) -> None:
+    """Load the trainable weights, optimizer, RNG states and position saved in checkpoint ``latest``."""
+    check_same_settings(trainer.cfg, latest, with_validation=trainer.early_stopping is not None)
+    state = Checkpoints.load(latest, trainer.model, trainer.optimizer, trainer.shape(),
+                             trainer.accelerator.process_index)
+    trainer.step, trainer.history = state["step"], state["history"]
+    trainer.plan.load_state(state.get("plan", {}), latest)
+    if trainer.early_stopping is not None:
+        trainer.early_stopping.load(state["early_stopping"], state["best_weights"])
+
+
+def check_same_settings(cfg: TrainConfig, latest: Path, with_validation: bool) -> None:
+    """Refuse to resume under settings that change what the steps compute: a resumed run repeats the
+    interrupted one exactly, and the saved optimizer groups would otherwise keep some old values silently."""
+    state = json.loads((latest / "trainer_state.json").read_text())
+    if with_validation and "early_stopping" not in state:
+        raise ValueError(f"checkpoint {latest} was written without a validation split, and this run has "
+                         f"validation_split={cfg.validation_split}; resume with the same settings, or "
+                         f"set resume=False")
+    saved, now = state.get("config", {}), dataclasses.asdict(cfg)
+    changed = [key for key in RUN_SETTINGS if key in saved and saved[key] != now[key]]
+    if changed:
+        then = ", ".join(f"{k}={saved[k]!r}" for k in changed)
+        raise ValueError(f"checkpoint {latest} was written with {then}; this run has "
+                         f"{', '.join(f'{k}={now[k]!r}' for k in changed)}. Resume with the "
+                         f"checkpoint's settings, or set resume=False to start afresh")
+
+
+def set_earlier_run_aside(trainer: Trainer) -> None:
+    """A fresh run (``resume=False``) in an ``output_dir`` that holds an earlier run's checkpoints moves them
+    aside first: otherwise rotation would keep the earlier run's higher steps over this run's, and a later
+    ``resume=True`` would continue the earlier run. Aside, not deleted: a re-run that meant resume=True can
+    still get them back."""
+    acc = trainer.accelerator
+    if acc.is_main_process:
+        moved, aside = trainer.checkpoints.set_aside()
+        if moved:
+            names = ", ".join(p.name for p in moved)
+            print(f"{trainer.checkpoints.folder} held an earlier run's checkpoints ({names}): moved to {aside}, as "
+                  f"this run starts afresh (resume=False). To continue that run instead, move them back and pass "
+                  f"resume=True; to keep both runs, give each its own output_dir", flush=True)
+    acc.wait_for_everyone()
+
+
+def run_shape(trainer: Trainer) -> RunShape:
+    """What a checkpoint of this run must share with the run that resumes it."""
+    cfg = trainer.cfg
+    return RunShape(trainer.total_steps, trainer.world, cfg.batch_size, cfg.grad_accum, trainer.plan.steps_per_epoch)

@@ -2,6 +2,8 @@
 OpenAI-style tools as the Qwen2.5/Qwen3 family does, and ChatML whose assistant turns are marked with
 ``{% generation %}`` (what ``return_assistant_tokens_mask`` reads)."""
 
+import copy
+
 # Tools go into the system turn as JSON lines; an assistant's tool calls follow its text as <tool_call> JSON; a tool's
 # result is a turn of its own. The layout of Qwen2.5's template, written small.
 TOOL_CHATML = (
@@ -18,7 +20,8 @@ TOOL_CHATML = (
     "{%- elif m['role'] == 'assistant' %}"
     "{{ '<|im_start|>assistant\n' }}{%- if m.content %}{{ m.content }}{%- endif %}"
     "{%- for call in m.tool_calls or [] %}"
-    "{{ '<tool_call>{\"name\": \"' + call.function.name + '\", \"arguments\": ' }}{{ call.function.arguments | tojson }}"
+    "{{ '<tool_call>{\"name\": \"' + call.function.name + '\", \"arguments\": ' }}"
+    "{{ call.function.arguments | tojson }}"
     "{{ '}</tool_call>' }}"
     "{%- endfor %}"
     "{{ '<|im_end|>\n' }}"
@@ -46,8 +49,9 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 
 def tool_conversation(city: str = "Paris", degrees: int = 18) -> dict:
-    """A multi-turn OpenAI-style tool-calling record: a call, its result, the answer, and a follow-up turn."""
-    return {"tools": [WEATHER_TOOL], "messages": [
+    """A multi-turn OpenAI-style tool-calling record: a call, its result, the answer, and a follow-up turn. Its
+    tool is a copy: the fuzzing edits records in place, and must not reach the next test's tool."""
+    return {"tools": [copy.deepcopy(WEATHER_TOOL)], "messages": [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": f"Weather in {city}?"},
         {"role": "assistant", "content": None, "tool_calls": [

@@ -97,7 +97,7 @@ def test_errors_are_the_scripts_and_a_wrong_recipe_is_a_usage_error(capsys):
     capsys.readouterr()
     assert main(["train", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "lora train: error: no recipe 'nope'; the recipes are classify, dpo, pretrain, sft" in err
+    assert "lora train: error: no recipe 'nope'; the recipes are classify, dpo, grpo, pretrain, sft" in err
     assert main(["train"]) == 2
     assert "lora train needs a recipe" in capsys.readouterr().err
     assert main(["train", "--help"]) == 0

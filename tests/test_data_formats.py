@@ -38,7 +38,7 @@ def tool_tokenizer(make=make_char_tokenizer):
     return tok
 
 
-# -- ShareGPT -----------------------------------------------------------------------------------------------------------
+# -- ShareGPT ----------------------------------------------------------------------------------------------------------
 SHAREGPT = {"conversations": [{"from": "system", "value": "Be brief"}, {"from": "human", "value": "1+1"},
                               {"from": "gpt", "value": "2"}, {"from": "human", "value": "2+2"},
                               {"from": "gpt", "value": "4"}]}
@@ -75,7 +75,7 @@ def test_a_bad_sharegpt_turn_is_refused_with_its_index(char_tokenizer, turn, mes
         load_dataset([record], char_tokenizer, cache=False)
 
 
-# -- OpenAI tool calling ----------------------------------------------------------------------------------------------
+# -- OpenAI tool calling -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make", [make_char_tokenizer, make_bpe_tokenizer], ids=["char", "bpe"])
 def test_tool_calls_train_on_the_assistant_turns_only(make):
     tok = tool_tokenizer(make)
@@ -133,7 +133,7 @@ def test_a_template_that_cannot_render_tools_is_refused(char_tokenizer):
         load_dataset([tool_conversation()], make_char_tokenizer(chat_template=None), cache=False)
 
 
-# -- preferences in Alpaca's layout -----------------------------------------------------------------------------------
+# -- preferences in Alpaca's layout ------------------------------------------------------------------------------------
 def test_alpaca_layout_preferences_are_dpo_pairs(tmp_path, char_tokenizer):
     alpaca = [{"instruction": "Say a color", "input": "sky", "chosen": "blue", "rejected": "red"},
               {"instruction": "Say hi", "chosen": "hi", "rejected": "no"}]
@@ -154,7 +154,7 @@ def test_alpaca_layout_preferences_are_dpo_pairs(tmp_path, char_tokenizer):
         load_dataset(lines, char_tokenizer, cache=False)
 
 
-# -- columns= -----------------------------------------------------------------------------------------------------------
+# -- columns= ----------------------------------------------------------------------------------------------------------
 def test_columns_map_a_data_sets_names_to_ours(tmp_path, char_tokenizer):
     theirs = [{"question": "Name a color", "answer": "blue", "id": 7}]
     ours = [{"prompt": "Name a color", "completion": "blue"}]
@@ -180,7 +180,7 @@ def test_bad_columns_are_refused(char_tokenizer, columns, message):
         load_dataset([{"question": "q", "answer": "a"}], char_tokenizer, columns=columns, cache=False)
 
 
-# -- multi-turn masks, and the batched encoder against the reference --------------------------------------------------
+# -- multi-turn masks, and the batched encoder against the reference ---------------------------------------------------
 CHATS = [
     {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
     {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "1+1"},

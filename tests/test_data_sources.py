@@ -144,7 +144,7 @@ def test_parquet_and_dataset_errors_name_the_row(tmp_path, char_tokenizer):
         load_dataset(rows, char_tokenizer, cache=False)
 
 
-# -- text files ---------------------------------------------------------------------------------------------------------
+# -- text files --------------------------------------------------------------------------------------------------------
 BOOK = "Chapter one.\nIt was a dark night.\n\nThe end of one.\n\n\n\nChapter two.\nDawn came."
 
 
@@ -186,7 +186,7 @@ def test_a_long_document_is_tokenized_in_pieces_with_the_same_ids_on_whitespace_
     assert ids.tolist() == char_tokenizer(text)["input_ids"] + [char_tokenizer.eos_token_id]
 
 
-# -- storage and packing ----------------------------------------------------------------------------------------------
+# -- storage and packing -----------------------------------------------------------------------------------------------
 def test_examples_are_compact_and_read_as_lists(tmp_path, char_tokenizer):
     rows = [{"instruction": f"Repeat {w}", "output": w} for w in ("cat", "horse", "a", "elephant")] * 50
     examples, stats = load_dataset(rows, char_tokenizer, cache=False)
@@ -243,7 +243,7 @@ def test_packing_compact_examples_gives_the_rows_of_the_same_dicts(char_tokenize
     assert sorted(len(r["input_ids"]) for r in subset) == [80] * len(subset)
 
 
-# -- the cache ------------------------------------------------------------------------------------------------------
+# -- the cache ---------------------------------------------------------------------------------------------------------
 def test_a_second_identical_load_reads_the_cache(tmp_path):
     tok = make_bpe_tokenizer()
     path = write_jsonl(tmp_path / "d.jsonl", ALPACA * 20)
@@ -252,7 +252,7 @@ def test_a_second_identical_load_reads_the_cache(tmp_path):
     assert not stats.cached and len(list(cache.iterdir())) == 1
     again, stats2 = load_dataset(path, tok, max_length=64, cache=cache)
     assert stats2.cached and "from the cache" in stats2.describe()
-    assert isinstance(again.input_ids, np.memmap) and as_lists(again) == as_lists(first)
+    assert isinstance(again.input_ids.base, np.memmap) and as_lists(again) == as_lists(first)  # mapped, not read
     assert (stats2.tokens, stats2.target_tokens, stats2.examples) == (stats.tokens, stats.target_tokens, 60)
 
 

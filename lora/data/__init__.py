@@ -29,7 +29,7 @@ from .report import inspect_data
 from .sources import MAX_LINE_BYTES, open_source, read_jsonl
 from .storage import Example, Examples
 
-__all__ = ["read_jsonl", "open_source", "load_dataset", "load_preferences", "load_prompts", "prompts_and_answers", "pack",
-           "join_rows", "collate", "model_inputs", "detect_format", "to_messages", "parse_columns", "tokenize_chat",
-           "render_chat", "special_prefix", "inspect_data", "DataStats", "Examples", "Example", "FORMATS", "OVERLONG",
-           "IGNORE", "MAX_LINE_BYTES"]
+__all__ = ["read_jsonl", "open_source", "load_dataset", "load_preferences", "load_prompts", "prompts_and_answers",
+           "pack", "join_rows", "collate", "model_inputs", "detect_format", "to_messages", "parse_columns",
+           "tokenize_chat", "render_chat", "special_prefix", "inspect_data", "DataStats", "Examples", "Example",
+           "FORMATS", "OVERLONG", "IGNORE", "MAX_LINE_BYTES"]

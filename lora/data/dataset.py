@@ -20,7 +20,7 @@ from .sources import Records, open_source
 from .storage import Builder, Examples
 
 OVERLONG = ("truncate", "drop")  # what load_dataset does with an example longer than max_length
-CHUNK = 1024  # records tokenized in one batched call
+CHUNK = 512  # records tokenized in one batched call
 
 
 @dataclass

@@ -30,13 +30,15 @@ class Example(Mapping):
         return ("input_ids", "label") if self.store.labels is not None else ("input_ids", "targets")
 
     def __getitem__(self, key: str):
-        start, end = self.store.offsets[self.index], self.store.offsets[self.index + 1]
+        # read millions of times (the trainer measures every example): plain lists and ndarrays, no numpy scalars
+        store, i = self.store, self.index
+        bounds = store.bounds()
         if key == "input_ids":
-            return self.store.input_ids[start:end].tolist()
-        if key == "targets" and self.store.targets is not None:
-            return self.store.targets[start:end].tolist()
-        if key == "label" and self.store.labels is not None:
-            return int(self.store.labels[self.index])
+            return store.input_ids[bounds[i]:bounds[i + 1]].tolist()
+        if key == "targets" and store.targets is not None:
+            return store.targets[bounds[i]:bounds[i + 1]].tolist()
+        if key == "label" and store.labels is not None:
+            return int(store.labels[i])
         raise KeyError(key)
 
     def __iter__(self) -> Iterator[str]:
@@ -62,6 +64,13 @@ class Examples(Sequence):
     def __init__(self, input_ids: np.ndarray, offsets: np.ndarray, targets: np.ndarray | None = None,
                  labels: np.ndarray | None = None):
         self.input_ids, self.offsets, self.targets, self.labels = input_ids, offsets, targets, labels
+        self._bounds: list[int] | None = None
+
+    def bounds(self) -> list[int]:
+        """``offsets`` as a Python list (indexing it is several times quicker than indexing the array)."""
+        if self._bounds is None:
+            self._bounds = self.offsets.tolist()
+        return self._bounds
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -104,8 +113,9 @@ class Examples(Sequence):
         meta = json.loads((folder / "meta.json").read_text())
         arrays = {}
         for name, (dtype, length) in meta.pop("arrays").items():
-            arrays[name] = (np.memmap(folder / name, dtype=np.dtype(dtype), mode="r", shape=(length,)) if length
-                            else np.zeros(0, dtype=np.dtype(dtype)))
+            # a plain ndarray over the mapped file: slices of an np.memmap are memmaps, each one slower to make
+            arrays[name] = (np.memmap(folder / name, dtype=np.dtype(dtype), mode="r", shape=(length,))
+                            .view(np.ndarray) if length else np.zeros(0, dtype=np.dtype(dtype)))
         return cls(**arrays), meta
 
 

@@ -14,6 +14,7 @@
 - ``processes.py``: decisions all processes take together, and Ctrl-C;
 - ``checkpoint.py``: checkpoint files; ``run_state.py``: a run's state saved and resumed through them;
 - ``early_stopping.py``, ``evaluate.py``, ``loss_curve.py``: validation, held-out metrics, the plot;
+- ``budget.py``: a run's steps, validation slice and cadence, fitted to its data, and the plan it prints;
 - ``tracking.py``: TensorBoard, W&B and MLflow through accelerate's trackers, and what a run tells the model card.
 
 A new training method is an objective in ``objective.py`` (or a module of its own beside it, as ``dpo.py``) that

@@ -298,7 +298,8 @@ class Checkpoints:
                 " (or the checkpoint is from an older version, whose epochs left out their last partial step: "
                 "then set resume=False)")
             raise ValueError(f"checkpoint {path} was for a run of {state['total_steps']} steps, this one has "
-                             f"{shape.total_steps}; keep the data and epochs/max_steps the same to resume{older}")
+                             f"{shape.total_steps}; keep the data and epochs/max_steps/min_steps the same to "
+                             f"resume{older}")
         if "shape" in state:
             saved = RunShape(**state["shape"])
             if saved.rows_per_step != shape.rows_per_step:

@@ -26,7 +26,11 @@ class TrainConfig:
         batch_size: Rows per micro-batch and process (a row is one packed sequence, or one example).
         grad_accum: Micro-batches per optimizer step.
         epochs: Passes over the training rows (may be fractional); ignored when ``max_steps`` is set.
-        max_steps: Optimizer steps to run, overriding ``epochs``.
+        max_steps: Optimizer steps to run, overriding ``epochs`` and ``min_steps``.
+        min_steps: The fewest optimizer steps a run takes: when ``epochs`` passes give fewer (a small set), the
+            steps first get smaller (fewer of ``grad_accum``'s micro-batches each, down to 1: a smaller effective
+            batch), then the run makes more passes until it has them (see :mod:`lora.train.budget`); 0 for no
+            minimum.
         warmup_ratio: Fraction of the steps spent warming the learning rate up linearly from 0.
         schedule: ``"cosine"``, ``"linear"`` or ``"constant"`` after warm-up.
         min_lr_ratio: Floor of the decay, as a fraction of ``learning_rate``.
@@ -54,13 +58,16 @@ class TrainConfig:
             (the paper suggests about 16); 1.0 is plain LoRA.
         dpo_beta: DPO's beta, for preference data (pairs from :func:`lora.data.load_preferences`): how far the
             policy may move from the reference, which is the same model with its adapters off.
-        validation_split: Training examples held out (seeded) to measure a validation loss during training: a
-            fraction below 1 (0.05), or a count (40); 0 for none. Never taken from the eval data.
-        validate_every: Compute the validation loss every N steps (and after the last).
-        early_stopping_patience: Stop once this many validation losses in a row failed to beat the best by more
-            than ``early_stopping_min_delta``, and keep the weights of the best one (0: never stop early; with a
-            validation split, the best weights are still the ones kept).
-        early_stopping_min_delta: The improvement of the validation loss that counts as one.
+        validation_split: Training examples held out (seeded) to judge the run during training: a fraction
+            below 1 (0.05), at least 48 examples and at most a fifth of the set (none for a set too small to spare
+            48: it trains its whole budget), or a count (40) taken as it is; 0 for none. Never taken from the eval
+            data. Short answers are judged by exact match, long ones by loss (:mod:`lora.train.early_stopping`).
+        validate_every: Judge the validation slice every N steps (and after the last); 0: about 12 times a run.
+        early_stopping_patience: Stop once this many validations in a row made no progress, but not during
+            warm-up nor before a quarter of the steps, and keep the weights of the best one (0: never stop early;
+            with a validation split, the best weights are still the ones kept).
+        early_stopping_min_delta: The relative fall of the validation loss that counts as progress (0.02: 2%
+            below the best); with exact match, one more answer right always does.
     """
 
     learning_rate: float = 1e-3
@@ -69,6 +76,7 @@ class TrainConfig:
     grad_accum: int = 1
     epochs: float = 1.0
     max_steps: int | None = None
+    min_steps: int = 0
     warmup_ratio: float = 0.05
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
@@ -114,7 +122,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "seq_len", "log_every", "keep_checkpoints", "loss_chunk"):
             value = getattr(self, name)
             check(type(value) is int and value >= 1, name, "an integer >= 1")
-        for name in ("eval_every", "save_every", "validate_every", "early_stopping_patience"):
+        for name in ("eval_every", "save_every", "validate_every", "early_stopping_patience", "min_steps"):
             value = getattr(self, name)
             check(type(value) is int and value >= 0, name, "an integer >= 0")
         number("epochs", "> 0", lambda v: v > 0)
@@ -128,13 +136,11 @@ class TrainConfig:
         number("dpo_beta", "> 0", lambda v: v > 0)
         number("validation_split", ">= 0, a fraction below 1 or a whole count",
                lambda v: v >= 0 and (v < 1 or float(v).is_integer()))
-        number("early_stopping_min_delta", ">= 0", lambda v: v >= 0)
-        if self.validation_split and not self.validate_every:
-            raise ValueError(f"TrainConfig.validation_split={self.validation_split} needs validate_every >= 1 (how "
-                             f"often to compute the validation loss), got 0")
-        if self.early_stopping_patience and not (self.validation_split and self.validate_every):
+        number("early_stopping_min_delta", "in [0, 1) (a fraction of the best validation loss)",
+               lambda v: 0 <= v < 1)
+        if self.early_stopping_patience and not self.validation_split:
             raise ValueError(f"TrainConfig.early_stopping_patience={self.early_stopping_patience} needs a validation "
-                             f"loss: set validation_split (e.g. 0.05) and validate_every (e.g. 2)")
+                             f"slice: set validation_split (e.g. 0.05)")
         check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
         check(self.overlong in ("truncate", "drop"), "overlong", "'truncate' or 'drop'")
         check(self.logger in LOGGERS, "logger", f"one of {LOGGERS}")
@@ -180,7 +186,9 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
 
-# What a resumed run must share with the checkpoint's (the batch shape and length are checked by Checkpoints.load,
-# validation by EarlyStopping): the steps' data order, optimizer, schedule and loss.
+# What a resumed run must share with the checkpoint's (the batch shape and length, and so min_steps' effect, are
+# checked by Checkpoints.load): the steps' data order, optimizer, schedule and loss.
 RUN_SETTINGS = ("seed", "learning_rate", "weight_decay", "loraplus_lr_ratio", "schedule", "warmup_ratio",
                 "min_lr_ratio", "max_grad_norm", "seq_len", "packing", "overlong", "dpo_beta")
+# ... and, where the run has a validation slice, what early stopping decides by: another rule would stop elsewhere
+VALIDATION_SETTINGS = ("validation_split", "validate_every", "early_stopping_patience", "early_stopping_min_delta")

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .checkpoint import Checkpoints, RunShape, gather_rng, optimizer_state, rng_state, whole_parameters
-from .config import RUN_SETTINGS, TrainConfig
+from .config import RUN_SETTINGS, VALIDATION_SETTINGS, TrainConfig
 
 if TYPE_CHECKING:
+    from .early_stopping import EarlyStopping
     from .trainer import Trainer
 
 
@@ -47,7 +48,7 @@ def save_checkpoint(trainer: Trainer) -> Path:
 
 def resume(trainer: Trainer, latest: Path) -> None:
     """Load the trainable weights, optimizer, RNG states and position saved in checkpoint ``latest``."""
-    check_same_settings(trainer.cfg, latest, with_validation=trainer.early_stopping is not None)
+    check_same_settings(trainer.cfg, latest, trainer.early_stopping)
     state = Checkpoints.load(latest, trainer.model, trainer.optimizer, trainer.shape(),
                              trainer.accelerator.process_index)
     trainer.step, trainer.history = state["step"], state["history"]
@@ -56,16 +57,28 @@ def resume(trainer: Trainer, latest: Path) -> None:
         trainer.early_stopping.load(state["early_stopping"], state["best_weights"])
 
 
-def check_same_settings(cfg: TrainConfig, latest: Path, with_validation: bool) -> None:
+def check_same_settings(cfg: TrainConfig, latest: Path, early: EarlyStopping | None) -> None:
     """Refuse to resume under settings that change what the steps compute: a resumed run repeats the
-    interrupted one exactly, and the saved optimizer groups would otherwise keep some old values silently."""
+    interrupted one exactly, and the saved optimizer groups would otherwise keep some old values silently. Checked
+    before anything is loaded. The validation slice must be the same too: its size and its judge (a slice that
+    vanished would put its examples back into training)."""
     state = json.loads((latest / "trainer_state.json").read_text())
-    if with_validation and "early_stopping" not in state:
-        raise ValueError(f"checkpoint {latest} was written without a validation split, and this run has "
-                         f"validation_split={cfg.validation_split}; resume with the same settings, or "
+    saved_early = state.get("early_stopping")
+    if (early is None) != (saved_early is None):
+        raise ValueError(f"checkpoint {latest} was written {'without' if saved_early is None else 'with'} a "
+                         f"validation split, and this run has {'one' if early else 'none'} "
+                         f"(validation_split={cfg.validation_split}); resume with the same data and settings, or "
                          f"set resume=False")
+    if early is not None:
+        then = (saved_early.get("held_out"), saved_early.get("judge"))
+        if then != (early.held_out, early.judge):
+            raise ValueError(f"checkpoint {latest} held out {then[0]} examples judged by {then[1]}, this run "
+                             f"{early.held_out} judged by {early.judge} (the training data, validation_split or "
+                             f"the rule that sizes and judges the slice changed); resume with the same data and "
+                             f"settings, or set resume=False")
     saved, now = state.get("config", {}), dataclasses.asdict(cfg)
-    changed = [key for key in RUN_SETTINGS if key in saved and saved[key] != now[key]]
+    keys = RUN_SETTINGS + (VALIDATION_SETTINGS if early is not None else ())
+    changed = [key for key in keys if key in saved and saved[key] != now[key]]
     if changed:
         then = ", ".join(f"{k}={saved[k]!r}" for k in changed)
         raise ValueError(f"checkpoint {latest} was written with {then}; this run has "

@@ -26,12 +26,12 @@ from torch import nn
 from ..adapter_io import check_adapter_folder, save_adapter
 from ..data import pack
 from ..generate import exact_match
-from . import run_state, tracking
+from . import budget, run_state, tracking
 from .attention import packed_rows, use_packed_attention
 from .batches import Batches, StepPlan
 from .checkpoint import Checkpoints, RunShape, is_sharded, rng_state, whole_parameters
 from .config import TrainConfig, TrainResult, lr_factor
-from .early_stopping import EarlyStopping, split_validation
+from .early_stopping import EarlyStopping, judge_of, split_validation, validation_scores
 from .evaluate import evaluate
 from .loss_curve import plot_loss_curve
 from .objective import BatchLoss
@@ -98,10 +98,13 @@ class Trainer:
         if self.deepspeed:
             configure_deepspeed(self.accelerator, config)
         self.validation_data: list[dict] = []
-        if config.validation_split:
+        self.examples = len(train_data)
+        if config.validation_split:  # sized by lora/train/budget.py: none for a set too small to spare a slice
             train_data, self.validation_data = split_validation(train_data, config.validation_split, config.seed)
         self.early_stopping = EarlyStopping(config.early_stopping_patience or math.inf,
-                                            config.early_stopping_min_delta) if config.validation_split else None
+                                            config.early_stopping_min_delta,
+                                            judge_of(self.task, self.validation_data),
+                                            held_out=len(self.validation_data)) if self.validation_data else None
         upcast_trainable(model, precision, config.precision)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -125,9 +128,18 @@ class Trainer:
         # with attention per example, a micro-batch's packed rows run as one row without their padding tails
         self.batches.joins_rows = self.packing and per_example
         self.rows = pack(train_data, config.seq_len, self.pad_id) if self.packing else train_data
+        self.asked_grad_accum = config.grad_accum
+        if not self.deepspeed:  # a small set: smaller steps first, before more passes (lora/train/budget.py)
+            self.cfg = config = config.replace(grad_accum=budget.fitted_grad_accum(
+                len(self.rows), config.batch_size, config.grad_accum, self.world, config.epochs, config.max_steps,
+                config.min_steps))
         self.plan = StepPlan(self.rows, self.batches, config.batch_size, config.grad_accum, self.world,
                              self.accelerator.process_index, config.seed, self.packing)
-        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.plan.steps_per_epoch))
+        self.total_steps = budget.total_steps(self.plan.steps_per_epoch, config.epochs, config.max_steps,
+                                              config.min_steps)
+        self.validate_every = budget.validation_interval(self.total_steps, config.validate_every)
+        if self.early_stopping is not None:
+            self.early_stopping.stop_from = budget.first_stop_step(self.total_steps, config.warmup_ratio)
         self.checkpoints = Checkpoints(self.output_dir / "checkpoints", config.keep_checkpoints)
         self.step = 0
         self.history: list[dict] = []
@@ -182,6 +194,29 @@ class Trainer:
         """Mean loss per target token on the validation slice."""
         return self._losses(self.validation_data)["eval_loss"]
 
+    def plan_line(self) -> str:
+        """What this run will do, in a line: examples, steps, epochs, the validation slice and its judge."""
+        early = self.early_stopping
+        stopping = early is not None and math.isfinite(early.patience)
+        return budget.plan(self.examples, len(self.validation_data), self.cfg.validation_split, self.total_steps,
+                           self.plan.steps_per_epoch, getattr(self.plan, "rows_per_step", None)
+                           or self.plan.prompts_per_step, stopping,  # rows, or GRPO's prompts
+                           early.stop_from if early else 0, early.judge if early else None,
+                           (self.asked_grad_accum, self.cfg.grad_accum))
+
+    def validation_scores(self) -> dict[str, float]:
+        """The validation slice's loss and, for language-model examples, exact match (one forward pass, see
+        :func:`lora.train.early_stopping.answer_scores`), in packed rows when training packs."""
+        if self.task != "lm":
+            return {"validation_loss": self.validation_loss()}
+        data, size = self.validation_data, self.cfg.batch_size
+        packed = self.packing and all(len(e["input_ids"]) <= self.cfg.seq_len for e in data)
+        rows = pack(data, self.cfg.seq_len, self.pad_id) if packed else data
+        with packed_rows(packed):
+            return self.run_whole(lambda: validation_scores(
+                self.objective, (self.batches.make(rows[i:i + size], packed) for i in range(0, len(rows), size)),
+                self.accelerator.autocast))
+
     # -- the loop -----------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         """Run to ``total_steps`` (resuming first if ``resume``); returns the metrics of the run.
@@ -204,11 +239,13 @@ class Trainer:
         if cfg.logger != "none":  # the same scalars and settings whichever tracker (lora/train/tracking.py)
             acc.init_trackers(tracking.PROJECT, config=tracking.run_settings(cfg, self.model, self.adapter),
                               init_kwargs=tracking.init_kwargs(cfg.logger, self.output_dir))
+        acc.print(self.plan_line())  # what the budget and the validation slice came to (lora/train/budget.py)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process, desc="train",
                    dynamic_ncols=True)
         self.loss_module.train()  # the wrapped BatchLoss; .train() reaches the model inside
         start_time, tokens_seen, interrupted, last_loss = time.perf_counter(), 0, False, None
         self.rng_at_step = rng_state()
+        first_step = self.step
         with CtrlC() as ctrl_c, bar:
             while self.step < self.total_steps and not self._stopped_early():
                 last_loss, tokens = self._optimizer_step()
@@ -217,14 +254,16 @@ class Trainer:
                 self.rng_at_step = rng_state()
 
                 elapsed = time.perf_counter() - start_time
+                if self.step == first_step + 1 and self.step < self.total_steps:
+                    acc.print(budget.pace(self.total_steps - first_step, 1, elapsed))
                 metrics = {"loss": last_loss, "lr": self.optimizer.param_groups[0]["lr"],
                            "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
                            **self.plan.metrics(self.step)}  # GRPO's rewards (all processes call it)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                     metrics.update(self.evaluate())
-                if self.early_stopping is not None and (self.step % cfg.validate_every == 0
+                if self.early_stopping is not None and (self.step % self.validate_every == 0
                                                         or self.step == self.total_steps):
-                    metrics["validation_loss"] = self._validate()
+                    metrics.update(self._validate())
                 self.history.append({"step": self.step, **metrics})
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{metrics['lr']:.2e}",
@@ -326,23 +365,31 @@ class Trainer:
         return window_loss, window_terms, tokens
 
     # -- early stopping -----------------------------------------------------------------------------------------------
-    def _validate(self) -> float:
-        """The validation loss at this step; early stopping decides on it, every process the same way."""
-        loss, early = self.validation_loss(), self.early_stopping
-        early.stopped = self.processes.any(early.update(self.step, loss, self.model))  # all stop, or none
+    def _validate(self) -> dict[str, float]:
+        """The validation slice's scores at this step; early stopping decides on them, every process the same way
+        (the rule: :mod:`lora.train.early_stopping`)."""
+        scores, early = self.validation_scores(), self.early_stopping
+        correct = scores.get("validation_correct") if early.judge == "exact match" else None
+        early.stopped = self.processes.any(early.update(self.step, scores["validation_loss"], self.model,
+                                                        correct))  # all stop, or none
         if early.stopped:
             self.accelerator.print(
-                f"early stop at step {self.step}: the validation loss has not beaten the best by more than "
-                f"{self.cfg.early_stopping_min_delta} for {self.cfg.early_stopping_patience} evaluation(s) in a row; "
-                f"best {early.best_loss:.4f} at step {early.best_step}")
-        return loss
+                f"early stop at step {self.step} of {self.total_steps}: {self.cfg.early_stopping_patience} "
+                f"validation(s) in a row without progress ({self._best()}, at step {early.best_step})")
+        return scores
+
+    def _best(self) -> str:
+        early = self.early_stopping
+        loss = f"validation loss {early.best_loss:.4f}"
+        if early.judge != "exact match":
+            return loss
+        return f"{early.best_correct} of {early.held_out} validation examples answered exactly, {loss}"
 
     def _keep_best(self) -> None:
-        """End of training: put back the weights of the step with the best validation loss."""
+        """End of training: put back the weights of the step with the best validation."""
         early = self.early_stopping
         if early.best_step != self.step and early.restore_best(self.model):
-            self.accelerator.print(f"kept the weights of step {early.best_step} (validation loss "
-                                   f"{early.best_loss:.4f})")
+            self.accelerator.print(f"kept the weights of step {early.best_step} ({self._best()})")
 
     def _stopped_early(self) -> bool:
         return self.early_stopping is not None and self.early_stopping.stopped

@@ -319,7 +319,7 @@ def kill_and_resume(workdir: Path, kills: list[Kill], reference: dict[str, torch
 
 
 # -- Ctrl-C through a recipe -------------------------------------------------------------------------------------------
-RECIPE_STEPS = 8
+RECIPE_STEPS = 60  # steps of ~20 ms (save_every=1): they outlast the Ctrl-C's delay, up to 0.3 s after the first
 WORDS = ["cat", "horse", "a", "elephant", "dog", "ox", "giraffe", "bee", "rhinoceros", "yak", "emu", "lion"]
 
 

@@ -1,0 +1,114 @@
+"""A run's budget, fitted to its data: how many optimizer steps, how large a validation slice, how often it is
+judged, and the line that tells the user so before the run.
+
+The rules (issue 20; measured on the task suite in ``bench/suite.py``, results in ``bench/RESULTS.md``):
+
+- **Steps.** ``epochs`` passes over the rows, but never fewer than ``min_steps`` optimizer steps: a small set
+  whose epoch is two steps gets the steps it needs to learn (60 examples, 2 steps: 8% -> 50% exact match on an
+  extraction task; Adam moves the weights about once per step, whatever the batch). First the steps get smaller,
+  which costs nothing: fewer micro-batches are accumulated per step (``grad_accum``, down to 1), so the same
+  epoch holds more steps. Only a set that still has too few steps makes more passes, counted in steps rather
+  than rounded up to whole epochs. ``max_steps`` overrides all of it; under DeepSpeed (its engine fixes the
+  accumulation) only the extra passes apply. A small set's extra passes stay cheap: ``min_steps`` steps of ``batch_size`` rows.
+- **Validation slice.** A fraction ``validation_split`` of the examples, but at least :data:`MIN_VALIDATION`:
+  whether 24 answers are right is too coarse a judge of 200 held-out ones. A set too small to spare that many
+  (more than :data:`MAX_VALIDATION_SHARE` of it) keeps all its examples for training and runs its whole budget
+  without early stopping, and the run says so. A larger fraction, or a count (``validation_split=40``), is
+  taken as it is.
+- **Cadence.** ``validate_every=0`` with a validation slice judges it about :data:`VALIDATIONS_PER_RUN` times per
+  run, so the slice's forward passes stay a bounded share of the run (one validation of 48 short examples costs
+  about half a training step of 8 packed rows).
+- **No stop too soon**: not during warm-up, and not before :data:`MIN_SHARE` of the steps (the learning rate is
+  still at its peak then, and one lucky measurement would end the run).
+"""
+
+from __future__ import annotations
+
+import math
+
+MIN_VALIDATION = 48  # examples: one example is ~2 points of exact match, coarse but enough to see a plateau
+MAX_VALIDATION_SHARE = 0.2  # never hold out more than this share of a training file for validation
+VALIDATIONS_PER_RUN = 12  # validate_every=0: about this many validations per run
+MIN_SHARE = 0.25  # no early stop before this share of the run's steps
+
+
+def validation_count(examples: int, split: float) -> int:
+    """How many of ``examples`` to hold out for validation: ``split`` is a fraction (with the floor and the
+    ceiling above; 0 when the set cannot spare :data:`MIN_VALIDATION`) or a count (as it is); 0 for none.
+
+    Raises:
+        ValueError: a count that leaves no training example.
+    """
+    if not split:
+        return 0
+    if split >= 1:
+        count = int(split)
+        if count >= examples:
+            raise ValueError(f"validation_split={split} of {examples} training examples leaves {examples - count} "
+                             f"for training; hold out fewer (a count below {examples}, or a fraction such as 0.05)")
+        return count
+    count = round(split * examples)
+    if count >= MIN_VALIDATION:
+        return count
+    # the floor applies only where the set can spare it; the fraction asked for is never cut
+    return MIN_VALIDATION if MIN_VALIDATION <= MAX_VALIDATION_SHARE * examples else 0
+
+
+def total_steps(steps_per_epoch: int, epochs: float, max_steps: int | None, min_steps: int) -> int:
+    """Optimizer steps of a run: ``max_steps`` if set, else ``epochs`` passes, but at least ``min_steps``."""
+    if max_steps:
+        return max_steps
+    return max(1, math.ceil(epochs * steps_per_epoch), min_steps)
+
+
+def fitted_grad_accum(rows: int, batch_size: int, grad_accum: int, world: int, epochs: float,
+                      max_steps: int | None, min_steps: int) -> int:
+    """The micro-batches to accumulate per step: ``grad_accum``, or fewer where ``epochs`` passes over ``rows``
+    would otherwise give fewer than ``min_steps`` steps (the largest count that gives enough, else 1)."""
+    if max_steps or not min_steps:
+        return grad_accum
+    for accum in range(grad_accum, 0, -1):
+        if math.ceil(epochs * math.ceil(rows / (batch_size * accum * world))) >= min_steps:
+            return accum
+    return 1
+
+
+def validation_interval(steps: int, validate_every: int) -> int:
+    """Steps between validations: ``validate_every``, or with 0 about :data:`VALIDATIONS_PER_RUN` per run."""
+    return validate_every or max(1, round(steps / VALIDATIONS_PER_RUN))
+
+
+def first_stop_step(steps: int, warmup_ratio: float) -> int:
+    """The first step at which early stopping may end a run: after warm-up and :data:`MIN_SHARE` of the steps."""
+    return max(int(warmup_ratio * steps), math.ceil(MIN_SHARE * steps))
+
+
+def plan(examples: int, held_out: int, split: float, steps: int, steps_per_epoch: int, rows_per_step: int,
+         stopping: bool, stop_from: int, judge: str | None, accum: tuple[int, int] | None = None) -> str:
+    """The line a run prints before its first step: what it trains on, for how long, and when it may stop
+    (``accum``: ``(asked, used)`` when :func:`fitted_grad_accum` made the steps smaller)."""
+    epochs = steps / steps_per_epoch
+    text = (f"plan: {examples - held_out:,} training examples, {steps} optimizer steps of up to {rows_per_step} "
+            f"rows ({epochs:.3g} epoch{'s' if epochs != 1 else ''} of {steps_per_epoch} steps)")
+    if accum and accum[0] != accum[1]:
+        text += f"; grad_accum {accum[0]} -> {accum[1]}, so that a small set gets enough steps (min_steps)"
+    if held_out:
+        text += f"; {held_out} examples held out for validation, judged by {judge}"
+        text += f", no early stop before step {stop_from}" if stopping else " (the best step's weights kept)"
+    elif split:
+        text += (f"; no validation slice: {examples} examples cannot spare {MIN_VALIDATION} (at most "
+                 f"{MAX_VALIDATION_SHARE:.0%} of them), so the run takes its whole budget (validation_split=COUNT "
+                 f"holds out exactly COUNT)")
+    return text
+
+
+def pace(steps: int, done: int, seconds: float) -> str:
+    """The estimate printed after the first step: ``~T minutes`` for the ``steps`` still to run (all of them, or
+    what a resumed run has left) at that step's pace."""
+    left = seconds / max(done, 1) * steps
+    return f"~{left / 60:.0f} minutes for {steps} steps at the pace of the first" if left >= 90 else \
+        f"~{left:.0f} s for {steps} steps at the pace of the first"
+
+
+__all__ = ["MIN_VALIDATION", "MAX_VALIDATION_SHARE", "VALIDATIONS_PER_RUN", "MIN_SHARE", "validation_count",
+           "total_steps", "fitted_grad_accum", "validation_interval", "first_stop_step", "plan", "pace"]

@@ -39,7 +39,7 @@ class GRPO(GRPOConfig):
     # Chosen on the bundled sums and on the JSON task (bench/RESULTS.md): 30 steps of 4 prompts x 8 completions;
     # learning rate 5e-4 for LoRA (full-weight GRPO takes ~1e-6, LoRA's small factors far more).
     DEFAULTS = {"r": 16, "alpha": 32, "learning_rate": 5e-4, "max_steps": 30, "batch_size": 4, "grad_accum": 1,
-                "warmup_ratio": 0.0, "seq_len": 256, "output_dir": "runs/grpo", "log_every": 1,
+                "warmup_ratio": 0.0, "schedule": "constant", "seq_len": 256, "output_dir": "runs/grpo", "log_every": 1,
                 "max_new_tokens": 12}
 
 

@@ -6,7 +6,6 @@ sampled and scored by :class:`lora.train.rollouts.RolloutPlan` instead of read f
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +15,7 @@ from torch import nn
 from ..data import IGNORE
 from ..generate import _is_hf, pad_left, sample_tokens
 from ..inject import adapters_of
+from . import budget
 from .config import TrainConfig
 from .grpo import GRPOConfig
 from .rewards import RewardFunction, Rewards
@@ -76,15 +76,18 @@ class GRPOTrainer(Trainer):
         # The base trainer probes the model (the loss shortcut) on rows; the prompts, as rows, serve. GRPO's rows
         # are sampled each step, so they are never packed.
         rows = [{"input_ids": p["input_ids"], "targets": p["input_ids"][1:] + [IGNORE]} for p in prompts]
-        super().__init__(model, config.replace(packing=False), rows, tokenizer=tokenizer, adapter=adapter,
-                         callbacks=callbacks)
+        # min_steps is applied below, on the plan's steps: the base trainer would count prompts as rows and shrink
+        # grad_accum for them
+        super().__init__(model, config.replace(packing=False, min_steps=0), rows, tokenizer=tokenizer,
+                         adapter=adapter, callbacks=callbacks)
         if self.sharded:
             raise ValueError("GRPO samples outside the wrapped forward, which FSDP and DeepSpeed ZeRO-3 need for "
                              "their sharded weights; train with DDP (or ZeRO-2)")
         self.task = self.objective.task = "grpo"
         self.objective.grpo = grpo
         self.plan = RolloutPlan(self, prompts, self.rewards, grpo, tokenizer)
-        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.plan.steps_per_epoch))
+        self.total_steps = budget.total_steps(self.plan.steps_per_epoch, config.epochs, config.max_steps,
+                                              config.min_steps)
 
     @torch.no_grad()
     def evaluate(self, data: Any = None) -> dict[str, float]:

@@ -22,7 +22,7 @@ A new source goes in ``sources.py``; a new record shape in ``formats.py`` (and i
 from .chat import IGNORE, render_chat, special_prefix, tokenize_chat
 from .dataset import OVERLONG, DataStats, load_dataset, prompts_and_answers
 from .formats import FORMATS, detect_format, parse_columns, to_messages
-from .packing import collate, join_rows, model_inputs, pack
+from .packing import collate, example_lengths, join_rows, model_inputs, pack
 from .preferences import load_preferences
 from .prompts import load_prompts
 from .report import inspect_data
@@ -30,6 +30,6 @@ from .sources import MAX_LINE_BYTES, open_source, read_jsonl
 from .storage import Example, Examples
 
 __all__ = ["read_jsonl", "open_source", "load_dataset", "load_preferences", "load_prompts", "prompts_and_answers",
-           "pack", "join_rows", "collate", "model_inputs", "detect_format", "to_messages", "parse_columns",
-           "tokenize_chat", "render_chat", "special_prefix", "inspect_data", "DataStats", "Examples", "Example",
-           "FORMATS", "OVERLONG", "IGNORE", "MAX_LINE_BYTES"]
+           "pack", "example_lengths", "join_rows", "collate", "model_inputs", "detect_format", "to_messages",
+           "parse_columns", "tokenize_chat", "render_chat", "special_prefix", "inspect_data", "DataStats", "Examples",
+           "Example", "FORMATS", "OVERLONG", "IGNORE", "MAX_LINE_BYTES"]

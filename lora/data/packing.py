@@ -122,6 +122,16 @@ def _one_store(examples) -> tuple[Examples, np.ndarray] | None:
     return store, np.fromiter((ex.index for ex in examples), dtype=np.int64, count=len(examples))
 
 
+def example_lengths(examples, found: tuple[Examples, np.ndarray] | None = None) -> np.ndarray:
+    """The token count of every example, from the offsets of a compact set (no example read: the trainer measures
+    sets of millions) or, for a list of dicts, from each one."""
+    found = found if found is not None else _one_store(examples)
+    if found is not None:
+        store, indices = found
+        return store.lengths[indices]
+    return np.fromiter((len(ex["input_ids"]) for ex in examples), dtype=np.int64, count=len(examples))
+
+
 def pack(examples, seq_len: int, pad_id: int) -> list[dict] | PackedRows:
     """Pack examples into rows of exactly ``seq_len`` tokens, without splitting any example.
 
@@ -137,17 +147,14 @@ def pack(examples, seq_len: int, pad_id: int) -> list[dict] | PackedRows:
     are made as they are read; a list of dicts gives a list of rows.
     """
     found = _one_store(examples)
-    if found is not None:
-        store, indices = found
-        lengths = store.lengths[indices]
-    else:
-        lengths = np.fromiter((len(ex["input_ids"]) for ex in examples), dtype=np.int64, count=len(examples))
+    lengths = example_lengths(examples, found)
     too_long = np.flatnonzero(lengths > seq_len)
     if len(too_long):
         raise ValueError(f"an example of {int(lengths[too_long[0]])} tokens does not fit a packed row of {seq_len}; "
                          f"load the data with max_length <= {seq_len}")
     members = best_fit_rows(lengths, seq_len)
     if found is not None:
+        store, indices = found
         return PackedRows(store, [indices[m] for m in members], seq_len, pad_id)
     rows = []
     for chosen in members:

@@ -9,7 +9,8 @@ The rules (issue 20; measured on the task suite in ``bench/suite.py``, results i
   which costs nothing: fewer micro-batches are accumulated per step (``grad_accum``, down to 1), so the same
   epoch holds more steps. Only a set that still has too few steps makes more passes, counted in steps rather
   than rounded up to whole epochs. ``max_steps`` overrides all of it; under DeepSpeed (its engine fixes the
-  accumulation) only the extra passes apply. A small set's extra passes stay cheap: ``min_steps`` steps of ``batch_size`` rows.
+  accumulation) only the extra passes apply. A small set's extra passes stay cheap: ``min_steps`` steps of
+  ``batch_size`` rows.
 - **Validation slice.** A fraction ``validation_split`` of the examples, but at least :data:`MIN_VALIDATION`:
   whether 24 answers are right is too coarse a judge of 200 held-out ones. A set too small to spare that many
   (more than :data:`MAX_VALIDATION_SHARE` of it) keeps all its examples for training and runs its whole budget

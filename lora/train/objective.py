@@ -8,11 +8,12 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import IGNORE, collate, model_inputs, pack
+from ..data import IGNORE, collate, example_lengths, model_inputs, pack
 from ..inject import disabled
 from .attention import packed_rows
 from . import grpo
@@ -222,7 +223,8 @@ def packing_gap(objective: "BatchLoss", examples: list[dict], seq_len: int, pad_
     their mean loss, or None when no two examples fit one row (then packing puts one example per row anyway).
     """
     chosen, used = [], 0
-    for ex in sorted(examples, key=lambda e: len(e["input_ids"]))[:4]:
+    shortest = np.argsort(example_lengths(examples), kind="stable")[:4]
+    for ex in (examples[int(i)] for i in shortest):
         if used + len(ex["input_ids"]) > seq_len:
             break
         chosen.append(ex)

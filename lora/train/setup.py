@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data import example_lengths
 from ..inject import adapters_of
 from ..layers import is_linear_like
 from .config import TrainConfig
@@ -83,8 +84,10 @@ def check_distribution(accelerator: Any, sharded: bool, early_stopping: bool) ->
 
 def check_lengths(examples: list[dict], seq_len: int) -> None:
     """Refuse examples longer than ``seq_len`` (packed or padded): cutting or dropping them is the loader's job."""
-    lengths = [max(len(ex[k]["input_ids"]) for k in ("chosen", "rejected")) if "chosen" in ex else len(ex["input_ids"])
-               for ex in examples]
+    if len(examples) and "chosen" in examples[0]:  # preference pairs: the longer of each pair
+        lengths = [max(len(ex[k]["input_ids"]) for k in ("chosen", "rejected")) for ex in examples]
+    else:
+        lengths = example_lengths(examples).tolist()
     over = [n for n in lengths if n > seq_len]
     if over:
         loader = ("load the pairs with lora.data.load_preferences(..., max_length=seq_len)" if "chosen" in examples[0]

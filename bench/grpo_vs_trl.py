@@ -168,9 +168,9 @@ def main() -> None:
     import lora
     from lora.recipes.grpo import GRPO
 
-    defaults = GRPO()
-    beta = defaults.beta if args.beta is None else args.beta
-    temperature = defaults.temperature if args.temperature is None else args.temperature
+    defaults = {**{f: getattr(GRPO(), f) for f in ("beta", "temperature")}, **GRPO.DEFAULTS}  # the recipe's own
+    beta = defaults["beta"] if args.beta is None else args.beta
+    temperature = defaults["temperature"] if args.temperature is None else args.temperature
     lr = GRPO.DEFAULTS["learning_rate"] if args.lr is None else args.lr
     lora.load_model("smollm2-135m")  # converts the embedded model once, before any timing
     stacks = args.stacks.split(",")

@@ -348,11 +348,19 @@ def main() -> None:
           f"matmul peak {matmul / 1e9:.0f} GFLOP/s", flush=True)
     stacks = args.stacks.split(",")
     folder = Path(tempfile.mkdtemp(prefix="lora-scaling-"))
-    results = []
+    results, done = [], {}
     for i, cell in enumerate(cells):
         for stack in stacks if i % 2 == 0 else stacks[::-1]:  # alternate which stack runs first
+            if (stack, cell.key) in done:  # a cell both tables hold (e.g. 135m at 512) runs once
+                r = dict(done[stack, cell.key], cell=dataclasses.asdict(cell))
+                results.append(r)
+                if args.results:
+                    with open(args.results, "a") as f:
+                        f.write(json.dumps(r) + "\n")
+                continue
             r = child(stack, cell, args.steps, args.tokens_per_step, args.device, folder / f"{stack}-{i}", limit,
                       args.threads)
+            done[stack, cell.key] = r
             if r["fits"]:
                 r["mfu"] = r["flops_per_second"] / matmul
                 print(f"{cell.key} {stack}: {r['tokens_per_second']:.1f} real tokens/s "

@@ -216,6 +216,13 @@ class EarlyStopping:
                     p.copy_(self.best_weights[n].to(p.device, p.dtype))
         return True
 
+    def best_text(self) -> str:
+        """The best validation so far, in words, for the run's messages."""
+        loss = f"validation loss {self.best_loss:.4f}"
+        if self.judge != "exact match":
+            return loss
+        return f"{self.best_correct} of {self.held_out} validation examples answered exactly, {loss}"
+
     def state(self) -> dict[str, Any]:
         """The JSON part of the state (the weights are saved as tensors beside it)."""
         return {"best_loss": None if math.isinf(self.best_loss) else self.best_loss, "best_step": self.best_step,

@@ -1,5 +1,6 @@
 """A Trainer's run in checkpoints: saving its current step, resuming one, refusing to resume under other settings,
-and setting an earlier run's checkpoints aside. The files themselves are :mod:`lora.train.checkpoint`'s."""
+setting an earlier run's checkpoints aside, and stopping on a non-finite loss with the last good state kept. The
+files themselves are :mod:`lora.train.checkpoint`'s."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
 
 from .checkpoint import Checkpoints, RunShape, gather_rng, optimizer_state, rng_state, whole_parameters
 from .config import RUN_SETTINGS, VALIDATION_SETTINGS, TrainConfig
@@ -44,6 +47,24 @@ def save_checkpoint(trainer: Trainer) -> Path:
                 best_weights=None if early is None else early.best_weights)
     acc.wait_for_everyone()  # every process returns once the checkpoint is complete
     return final
+
+
+def stop_non_finite(trainer: Trainer, value: float) -> None:
+    """A NaN/inf loss (decided by all processes): keep the last good state as a checkpoint and stop.
+
+    The state before this step is saved if the weights are still finite on every process, else the newest
+    checkpoint is named; every process raises the same error.
+    """
+    trainer.optimizer.zero_grad(set_to_none=True)
+    weights_ok = all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters() if p.requires_grad)
+    if trainer.processes.all(weights_ok):
+        kept = save_checkpoint(trainer)
+    else:
+        kept = trainer.processes.main_value(trainer.latest_checkpoint())
+    raise FloatingPointError(
+        f"the training loss became {value} at step {trainer.step + 1}; training stopped. The last good state is "
+        f"in {kept or 'no checkpoint (none was written before the failure)'}. Lower learning_rate, keep "
+        f"max_grad_norm set, or check the data; resume=True continues from that checkpoint")
 
 
 def resume(trainer: Trainer, latest: Path) -> None:

@@ -179,16 +179,20 @@ class Trainer:
         """
         return self.loss_module(inside=fn) if self.sharded else fn()
 
-    def _losses(self, data: list[dict]) -> dict[str, float]:
-        """:func:`lora.train.evaluate.evaluate`'s metrics over ``data``, in packed rows when training packs (the same
-        per-token mean, with less padding and attention work)."""
+    def _over_batches(self, data: list[dict], score: Callable) -> dict[str, float]:
+        """``score(objective, batches, autocast)`` over ``data`` in micro-batches, in packed rows when training
+        packs (the same per-token means, with less padding and attention work), with the model whole."""
         packed = self.packing and all(len(e["input_ids"]) <= self.cfg.seq_len for e in data)
         rows = pack(data, self.cfg.seq_len, self.pad_id) if packed else data
         size = self.cfg.batch_size
         with packed_rows(packed):
-            return self.run_whole(lambda: evaluate(
+            return self.run_whole(lambda: score(
                 self.objective, (self.batches.make(rows[i:i + size], packed) for i in range(0, len(rows), size)),
                 self.accelerator.autocast))
+
+    def _losses(self, data: list[dict]) -> dict[str, float]:
+        """:func:`lora.train.evaluate.evaluate`'s metrics over ``data``."""
+        return self._over_batches(data, evaluate)
 
     def validation_loss(self) -> float:
         """Mean loss per target token on the validation slice."""
@@ -209,13 +213,7 @@ class Trainer:
         :func:`lora.train.early_stopping.answer_scores`), in packed rows when training packs."""
         if self.task != "lm":
             return {"validation_loss": self.validation_loss()}
-        data, size = self.validation_data, self.cfg.batch_size
-        packed = self.packing and all(len(e["input_ids"]) <= self.cfg.seq_len for e in data)
-        rows = pack(data, self.cfg.seq_len, self.pad_id) if packed else data
-        with packed_rows(packed):
-            return self.run_whole(lambda: validation_scores(
-                self.objective, (self.batches.make(rows[i:i + size], packed) for i in range(0, len(rows), size)),
-                self.accelerator.autocast))
+        return self._over_batches(self.validation_data, validation_scores)
 
     # -- the loop -----------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -284,8 +282,9 @@ class Trainer:
                     interrupted = True
                     break
         train_seconds = time.perf_counter() - start_time
-        if self.early_stopping is not None and not interrupted:
-            self._keep_best()
+        early = self.early_stopping  # the run ends on the weights of its best validation
+        if early is not None and not interrupted and early.best_step != self.step and early.restore_best(self.model):
+            acc.print(f"kept the weights of step {early.best_step} ({early.best_text()})")
         checkpoint = self.save_checkpoint()
         final = {} if interrupted else self.evaluate()
         if cfg.logger != "none":
@@ -358,7 +357,7 @@ class Trainer:
                                                          device=acc.device), "sum")
                         window_loss, tokens = float(totals[0]), int(totals[1])
                         if not math.isfinite(window_loss):
-                            self._stop_non_finite(window_loss)
+                            run_state.stop_non_finite(self, window_loss)
                     acc.backward(loss_sum * (0.0 if padding else scale))
             finally:
                 acc.sync_gradients = True
@@ -375,41 +374,11 @@ class Trainer:
         if early.stopped:
             self.accelerator.print(
                 f"early stop at step {self.step} of {self.total_steps}: {self.cfg.early_stopping_patience} "
-                f"validation(s) in a row without progress ({self._best()}, at step {early.best_step})")
+                f"validation(s) in a row without progress ({early.best_text()}, at step {early.best_step})")
         return scores
-
-    def _best(self) -> str:
-        early = self.early_stopping
-        loss = f"validation loss {early.best_loss:.4f}"
-        if early.judge != "exact match":
-            return loss
-        return f"{early.best_correct} of {early.held_out} validation examples answered exactly, {loss}"
-
-    def _keep_best(self) -> None:
-        """End of training: put back the weights of the step with the best validation."""
-        early = self.early_stopping
-        if early.best_step != self.step and early.restore_best(self.model):
-            self.accelerator.print(f"kept the weights of step {early.best_step} ({self._best()})")
 
     def _stopped_early(self) -> bool:
         return self.early_stopping is not None and self.early_stopping.stopped
-
-    def _stop_non_finite(self, value: float) -> None:
-        """A NaN/inf loss (decided by all processes): keep the last good state as a checkpoint and stop.
-
-        The state before this step is saved if the weights are still finite on every process, else the newest
-        checkpoint is named; every process raises the same error.
-        """
-        self.optimizer.zero_grad(set_to_none=True)
-        weights_ok = all(bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad)
-        if self.processes.all(weights_ok):
-            kept = self.save_checkpoint()
-        else:
-            kept = self.processes.main_value(self.latest_checkpoint())
-        raise FloatingPointError(
-            f"the training loss became {value} at step {self.step + 1}; training stopped. The last good state is "
-            f"in {kept or 'no checkpoint (none was written before the failure)'}. Lower learning_rate, keep "
-            f"max_grad_norm set, or check the data; resume=True continues from that checkpoint")
 
     # -- checkpoints (lora/train/run_state.py) ------------------------------------------------------------------------
     def checkpoint_dir(self) -> Path:

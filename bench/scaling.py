@@ -22,7 +22,7 @@ the output head costs most), ``max(1, --tokens-per-step / length)`` examples per
 lengths leave nothing to pad or pack: the cells measure the cost per token itself (bench/compare.py measures what
 padding costs on varied lengths). PEFT + Trainer runs its usual set-up (batches of those examples; with
 checkpointing, ``gradient_checkpointing=True``, non-reentrant); ours runs ``lora.Trainer`` with
-``TrainConfig(gradient_checkpointing=...)``. The NF4 base is :func:`lora.quantize_nf4` (torchao's NF4) for both:
+``TrainConfig(gradient_checkpointing=...)``. The NF4 base is :func:`lora.models.quantize_nf4` (torchao's NF4) for both:
 PEFT wraps the same 4-bit linear layers (bitsandbytes, PEFT's usual QLoRA route, has no CPU kernels).
 
 Every run is a process of its own, so its peak RSS is its own, and one that runs out of memory ends only itself:
@@ -126,7 +126,9 @@ def build_model(size: str, base: str, device: str):
             model = LlamaForCausalLM(config)
         model.eval()
     if base == "nf4":
-        lora.quantize_nf4(model)
+        from lora.models import quantize_nf4
+
+        quantize_nf4(model)
     return model, tokenizer
 
 

@@ -58,6 +58,9 @@ def record(args: argparse.Namespace) -> dict:
               f"{metrics['validation_loss']:.4f}; held-out {scores['validation_exact_match']:.1%}", flush=True)
 
     trainer = Trainer(model, cfg, train, callbacks=[measure])
+    if trainer.early_stopping is None:
+        raise SystemExit(f"{task.name}: {len(train)} training examples cannot spare a validation slice of the "
+                         f"default size; hold out a count to record its curve (... -- validation_split=24)")
     trainer.train()
     curve = {"task": task.name, "train": len(train), "validation": len(trainer.validation_data),
              "steps": trainer.total_steps, "stop_from": trainer.early_stopping.stop_from,

@@ -68,12 +68,15 @@ def parse_settings(recipe_cls, argv: list[str]) -> tuple[Any, LoraConfig, TrainC
     """Read ``--config FILE.yaml`` and ``key=value`` arguments into (recipe settings, LoraConfig, TrainConfig).
 
     The recipe's dataclass defaults may override LoraConfig/TrainConfig defaults through its ``DEFAULTS`` dict.
+    ``validation_split=0`` given without ``early_stopping_patience`` also turns off the recipe's early stopping
+    (nothing is left to judge it by), rather than failing on the default patience.
 
     Raises:
         ValueError: an unknown key (the message lists the valid ones), a malformed argument or a bad value.
     """
     schema = {**_fields(LoraConfig), **_fields(TrainConfig), **_fields(recipe_cls)}
     values: dict[str, Any] = dict(getattr(recipe_cls, "DEFAULTS", {}))
+    loaded: dict[str, Any] = {}
     args = list(argv)
     if "--config" in args:
         i = args.index("--config")
@@ -108,6 +111,9 @@ def parse_settings(recipe_cls, argv: list[str]) -> tuple[Any, LoraConfig, TrainC
     for key, value in values.items():  # command-line strings, and YAML strings such as 1e-3 (YAML 1.1: a str)
         if isinstance(value, str) and schema[key] != "str":
             values[key] = _coerce(value, schema[key], key)
+    given = {**loaded, **overrides}
+    if "validation_split" in given and "early_stopping_patience" not in given and not values["validation_split"]:
+        values["early_stopping_patience"] = 0
 
     def part(cls):
         return cls(**{k: v for k, v in values.items() if k in _fields(cls)})

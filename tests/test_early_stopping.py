@@ -1,6 +1,8 @@
 """Early stopping on a validation slice held out from the training data (issue 10), judged as the user judges the
 run, and a budget fitted to the data (issue 20)."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -34,8 +36,8 @@ def test_the_validation_slice_is_seeded_disjoint_and_sized():
     assert validation_count(5 * MIN_VALIDATION, 0.02) == MIN_VALIDATION
     assert validation_count(5 * MIN_VALIDATION - 1, 0.02) == 0
     assert split_validation(examples[:60], 0.05, seed=0) == (examples[:60], [])
-    for bad in (1000, 2000):
-        with pytest.raises(ValueError, match="leaves .* for training; hold out fewer"):
+    for bad in (1000, 2000, 0.9999):  # a count, or a fraction, that leaves nothing to train on
+        with pytest.raises(ValueError, match="leaves 0 for training; hold out fewer"):
             split_validation(examples, bad, seed=0)
 
 
@@ -156,6 +158,39 @@ def test_resuming_a_run_without_validation_with_a_validation_split_is_refused(tm
         Trainer(model, cfg, examples).train()
 
 
+def test_the_exact_match_judge_keeps_the_step_with_the_most_answers_right(tmp_path):
+    # no stop (patience 0), a validation every 10 steps: the weights kept at the end are those of the validation
+    # with the most answers right (ties: the lower loss), and the result reports its share of the slice
+    model, _, examples, cfg = setup(tmp_path, max_steps=60, batch_size=4, learning_rate=2e-2, validation_split=16,
+                                    validate_every=10)
+    seen, weights = {}, {}
+
+    def record(trainer, step, metrics):
+        weights[step] = trainable(model)
+        if "validation_correct" in metrics:
+            seen[step] = (metrics["validation_correct"], -metrics["validation_loss"])
+
+    trainer = Trainer(model, cfg, examples, callbacks=[record])
+    assert trainer.early_stopping.judge == "exact match"
+    result = trainer.train()
+    assert sorted(seen) == list(range(10, 61, 10)) and not result.stopped_early
+    best = max(seen, key=lambda step: (seen[step], -step))
+    assert len({correct for correct, _ in seen.values()}) > 1  # the validations differ, or nothing is shown
+    assert result.best_step == best
+    assert result.validation_exact_match == seen[best][0] / 16
+    assert all(torch.equal(p, weights[best][n]) for n, p in trainable(model).items())
+
+
+def test_validation_split_0_alone_turns_the_recipes_early_stopping_off():
+    from lora.recipe import parse_settings
+    from lora.recipes.sft import SFT
+
+    assert parse_settings(SFT, [])[2].early_stopping_patience == 2  # the recipe's default
+    assert parse_settings(SFT, ["validation_split=0"])[2].early_stopping_patience == 0
+    with pytest.raises(ValueError, match="needs a validation slice: .*or early_stopping_patience=0"):
+        parse_settings(SFT, ["validation_split=0", "early_stopping_patience=2"])
+
+
 def test_resuming_under_another_validation_slice_is_refused_before_anything_loads(tmp_path):
     model, _, examples, cfg = setup(tmp_path, max_steps=2, batch_size=2, validation_split=8, validate_every=1)
     Trainer(model, cfg, examples).train()
@@ -168,6 +203,15 @@ def test_resuming_under_another_validation_slice_is_refused_before_anything_load
         with pytest.raises(ValueError, match=message):
             Trainer(model, cfg, examples).train()
         assert all(torch.equal(p, before[n]) for n, p in trainable(model).items())  # nothing was loaded
+    # a checkpoint from before the slice's size and judge were saved: refused in words, not as "held out None"
+    state_file = next((tmp_path / "out" / "checkpoints").glob("step-*")) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["early_stopping"]["held_out"], state["early_stopping"]["judge"]
+    state_file.write_text(json.dumps(state))
+    model, _, examples, cfg = setup(tmp_path, max_steps=2, batch_size=2, validation_split=8, validate_every=1,
+                                    resume=True)
+    with pytest.raises(ValueError, match="written by an older version of lora.*resume=False"):
+        Trainer(model, cfg, examples).train()
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -30,7 +30,7 @@ class Example(Mapping):
         return ("input_ids", "label") if self.store.labels is not None else ("input_ids", "targets")
 
     def __getitem__(self, key: str):
-        # read millions of times (the trainer measures every example): plain lists and ndarrays, no numpy scalars
+        # read millions of times (collation reads the examples one by one): plain lists and ndarrays, no numpy scalars
         store, i = self.store, self.index
         bounds = store.bounds()
         if key == "input_ids":

@@ -37,8 +37,8 @@ class SFT:
     # lora/train/early_stopping.py; issue 20, measured on bench/suite.py's tasks, bench/RESULTS.md): at least 16
     # optimizer steps however small the set (more passes over it); 5% of the examples held out, at least 48 (none
     # for a set that cannot spare them), judged by exact match where answers are short, ~12 times a run; a stop
-    # after 2 validations in a row without progress (one more answer right, or a loss 2% lower), never before a
-    # quarter of the steps, keeping the best weights. early_stopping_patience=0 validation_split=0 min_steps=0
+    # after 2 validations in a row without progress (one more answer right, or as many at a loss 2% lower), never
+    # before a quarter of the steps, keeping the best weights. early_stopping_patience=0 validation_split=0 min_steps=0
     # trains exactly `epochs` (1) passes.
     DEFAULTS = {"r": 16, "alpha": 32, "learning_rate": 1e-3, "epochs": 1.0, "batch_size": 2, "grad_accum": 4,
                 "seq_len": 512, "output_dir": "runs/sft", "log_every": 1, "min_steps": 16, "validation_split": 0.05,
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> dict:
         "train_seconds": result.train_seconds, "tokens_per_second": result.tokens_per_second,
         "peak_memory_bytes": result.peak_memory_bytes, "interrupted": result.interrupted, "model": settings.model,
         "stopped_early": result.stopped_early, "best_step": result.best_step,
-        "validation_loss": result.validation_loss},
+        "validation_loss": result.validation_loss, "validation_exact_match": result.validation_exact_match},
         data=data_card(settings.train_file, train, settings.eval_file, eval_examples, stats))
     if not metrics:  # not the main process
         return metrics

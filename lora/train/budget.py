@@ -28,28 +28,27 @@ from __future__ import annotations
 import math
 
 MIN_VALIDATION = 48  # examples: one example is ~2 points of exact match, coarse but enough to see a plateau
-MAX_VALIDATION_SHARE = 0.2  # never hold out more than this share of a training file for validation
+MAX_VALIDATION_SHARE = 0.2  # the floor above is applied only where it is at most this share of the set
 VALIDATIONS_PER_RUN = 12  # validate_every=0: about this many validations per run
 MIN_SHARE = 0.25  # no early stop before this share of the run's steps
 
 
 def validation_count(examples: int, split: float) -> int:
-    """How many of ``examples`` to hold out for validation: ``split`` is a fraction (with the floor and the
-    ceiling above; 0 when the set cannot spare :data:`MIN_VALIDATION`) or a count (as it is); 0 for none.
+    """How many of ``examples`` to hold out for validation: ``split`` is a count (as it is) or a fraction (as it
+    is when that comes to :data:`MIN_VALIDATION` or more; else raised to that floor where the floor is at most
+    :data:`MAX_VALIDATION_SHARE` of the set, and 0 where the set cannot spare it); 0 for none.
 
     Raises:
-        ValueError: a count that leaves no training example.
+        ValueError: a split that leaves no training example.
     """
     if not split:
         return 0
-    if split >= 1:
-        count = int(split)
-        if count >= examples:
-            raise ValueError(f"validation_split={split} of {examples} training examples leaves {examples - count} "
-                             f"for training; hold out fewer (a count below {examples}, or a fraction such as 0.05)")
-        return count
-    count = round(split * examples)
-    if count >= MIN_VALIDATION:
+    count = int(split) if split >= 1 else round(split * examples)
+    if count >= examples:
+        raise ValueError(f"validation_split={split} of {examples} training examples leaves "
+                         f"{max(examples - count, 0)} for training; hold out fewer (a count below {examples}, or a "
+                         f"fraction such as 0.05)")
+    if split >= 1 or count >= MIN_VALIDATION:
         return count
     # the floor applies only where the set can spare it; the fraction asked for is never cut
     return MIN_VALIDATION if MIN_VALIDATION <= MAX_VALIDATION_SHARE * examples else 0
@@ -84,13 +83,15 @@ def first_stop_step(steps: int, warmup_ratio: float) -> int:
     return max(int(warmup_ratio * steps), math.ceil(MIN_SHARE * steps))
 
 
-def plan(examples: int, held_out: int, split: float, steps: int, steps_per_epoch: int, rows_per_step: int,
-         stopping: bool, stop_from: int, judge: str | None, accum: tuple[int, int] | None = None) -> str:
+def plan(examples: int, held_out: int, split: float, steps: int, steps_per_epoch: int, per_step: int,
+         stopping: bool, stop_from: int, judge: str | None, accum: tuple[int, int] | None = None,
+         unit: str = "rows") -> str:
     """The line a run prints before its first step: what it trains on, for how long, and when it may stop
-    (``accum``: ``(asked, used)`` when :func:`fitted_grad_accum` made the steps smaller)."""
+    (``per_step`` ``unit``: rows, or GRPO's prompts; ``accum``: ``(asked, used)`` when :func:`fitted_grad_accum`
+    made the steps smaller)."""
     epochs = steps / steps_per_epoch
-    text = (f"plan: {examples - held_out:,} training examples, {steps} optimizer steps of up to {rows_per_step} "
-            f"rows ({epochs:.3g} epoch{'s' if epochs != 1 else ''} of {steps_per_epoch} steps)")
+    text = (f"plan: {examples - held_out:,} training examples, {steps} optimizer steps of up to {per_step} "
+            f"{unit} ({epochs:.3g} epoch{'s' if epochs != 1 else ''} of {steps_per_epoch} steps)")
     if accum and accum[0] != accum[1]:
         text += f"; grad_accum {accum[0]} -> {accum[1]}, so that a small set gets enough steps (min_steps)"
     if held_out:

@@ -59,9 +59,10 @@ class TrainConfig:
         dpo_beta: DPO's beta, for preference data (pairs from :func:`lora.data.load_preferences`): how far the
             policy may move from the reference, which is the same model with its adapters off.
         validation_split: Training examples held out (seeded) to judge the run during training: a fraction
-            below 1 (0.05), at least 48 examples and at most a fifth of the set (none for a set too small to spare
-            48: it trains its whole budget), or a count (40) taken as it is; 0 for none. Never taken from the eval
-            data. Short answers are judged by exact match, long ones by loss (:mod:`lora.train.early_stopping`).
+            below 1 (0.05), raised to 48 examples where that is at most a fifth of the set (none for a set too
+            small to spare 48: it trains its whole budget), or a count (40) taken as it is; 0 for none. Never taken
+            from the eval data. Short answers are judged by exact match, long ones by loss
+            (:mod:`lora.train.early_stopping`).
         validate_every: Judge the validation slice every N steps (and after the last); 0: about 12 times a run.
         early_stopping_patience: Stop once this many validations in a row made no progress, but not during
             warm-up nor before a quarter of the steps, and keep the weights of the best one (0: never stop early;
@@ -140,7 +141,8 @@ class TrainConfig:
                lambda v: 0 <= v < 1)
         if self.early_stopping_patience and not self.validation_split:
             raise ValueError(f"TrainConfig.early_stopping_patience={self.early_stopping_patience} needs a validation "
-                             f"slice: set validation_split (e.g. 0.05)")
+                             f"slice: set validation_split (e.g. 0.05), or early_stopping_patience=0 to train "
+                             f"without one")
         check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
         check(self.overlong in ("truncate", "drop"), "overlong", "'truncate' or 'drop'")
         check(self.logger in LOGGERS, "logger", f"one of {LOGGERS}")
@@ -171,6 +173,7 @@ class TrainResult:
     eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # all of the final evaluate()
     best_step: int | None = None  # with a validation split: the step whose weights were kept
     validation_loss: float | None = None  # ... and its validation loss
+    validation_exact_match: float | None = None  # ... and, judged by exact match, the share of the slice it got
     stopped_early: bool = False
 
 

@@ -216,6 +216,12 @@ class EarlyStopping:
                     p.copy_(self.best_weights[n].to(p.device, p.dtype))
         return True
 
+    def best_exact_match(self) -> float | None:
+        """The best validation's share of the slice answered exactly (None when judged by loss)."""
+        if self.judge != "exact match" or self.best_correct < 0 or not self.held_out:
+            return None
+        return self.best_correct / self.held_out
+
     def best_text(self) -> str:
         """The best validation so far, in words, for the run's messages."""
         loss = f"validation loss {self.best_loss:.4f}"
@@ -234,7 +240,7 @@ class EarlyStopping:
         by :func:`lora.train.run_state.check_same_settings`)."""
         self.best_loss = math.inf if state["best_loss"] is None else float(state["best_loss"])
         self.best_step, self.bad_evaluations = int(state["best_step"]), int(state["bad_evaluations"])
-        self.best_correct = int(state.get("best_correct", -1))
+        self.best_correct = int(state["best_correct"])
         self.stopped = bool(state["stopped"])
         self.best_weights = best_weights or None
 

@@ -83,6 +83,7 @@ class GRPOTrainer(Trainer):
         if self.sharded:
             raise ValueError("GRPO samples outside the wrapped forward, which FSDP and DeepSpeed ZeRO-3 need for "
                              "their sharded weights; train with DDP (or ZeRO-2)")
+        self.cfg = self.cfg.replace(min_steps=config.min_steps)  # the run's own, in checkpoints and model cards
         self.task = self.objective.task = "grpo"
         self.objective.grpo = grpo
         self.plan = RolloutPlan(self, prompts, self.rewards, grpo, tokenizer)

@@ -90,6 +90,9 @@ def check_same_settings(cfg: TrainConfig, latest: Path, early: EarlyStopping | N
                          f"validation split, and this run has {'one' if early else 'none'} "
                          f"(validation_split={cfg.validation_split}); resume with the same data and settings, or "
                          f"set resume=False")
+    if early is not None and "held_out" not in saved_early:
+        raise ValueError(f"checkpoint {latest} was written by an older version of lora, whose early stopping judged "
+                         f"by loss alone; this version cannot continue it exactly. Set resume=False to start afresh")
     if early is not None:
         then = (saved_early.get("held_out"), saved_early.get("judge"))
         if then != (early.held_out, early.judge):

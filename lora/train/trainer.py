@@ -202,11 +202,11 @@ class Trainer:
         """What this run will do, in a line: examples, steps, epochs, the validation slice and its judge."""
         early = self.early_stopping
         stopping = early is not None and math.isfinite(early.patience)
+        rows = getattr(self.plan, "rows_per_step", None)
         return budget.plan(self.examples, len(self.validation_data), self.cfg.validation_split, self.total_steps,
-                           self.plan.steps_per_epoch, getattr(self.plan, "rows_per_step", None)
-                           or self.plan.prompts_per_step, stopping,  # rows, or GRPO's prompts
+                           self.plan.steps_per_epoch, rows or self.plan.prompts_per_step, stopping,
                            early.stop_from if early else 0, early.judge if early else None,
-                           (self.asked_grad_accum, self.cfg.grad_accum))
+                           (self.asked_grad_accum, self.cfg.grad_accum), "rows" if rows else "prompts")
 
     def validation_scores(self) -> dict[str, float]:
         """The validation slice's loss and, for language-model examples, exact match (one forward pass, see
@@ -301,7 +301,8 @@ class Trainer:
                            eval_metrics=final, stopped_early=self._stopped_early(),
                            **({} if self.early_stopping is None else {
                                "best_step": self.early_stopping.best_step,
-                               "validation_loss": self.early_stopping.state()["best_loss"]}))
+                               "validation_loss": self.early_stopping.state()["best_loss"],
+                               "validation_exact_match": self.early_stopping.best_exact_match()}))
 
     def _optimizer_step(self) -> tuple[float, int]:
         """Set the learning rate, accumulate the gradients of step ``self.step``'s window, clip, step; returns the
@@ -367,7 +368,9 @@ class Trainer:
     def _validate(self) -> dict[str, float]:
         """The validation slice's scores at this step; early stopping decides on them, every process the same way
         (the rule: :mod:`lora.train.early_stopping`)."""
-        scores, early = self.validation_scores(), self.early_stopping
+        # the main process's scores decide on every process: the same best step and weights kept everywhere,
+        # even where a GPU's kernels give processes slightly different numbers
+        scores, early = self.processes.main_value(self.validation_scores()), self.early_stopping
         correct = scores.get("validation_correct") if early.judge == "exact match" else None
         early.stopped = self.processes.any(early.update(self.step, scores["validation_loss"], self.model,
                                                         correct))  # all stop, or none

@@ -75,6 +75,22 @@ WORKER = textwrap.dedent("""
         sys.stdout.write(f"CTRL-C rank {{trainer.accelerator.process_index}} stopped at step {{trainer.step}}\\n")
         sys.stdout.flush()
 
+        # early stopping where process 1's validations disagree with process 0's (as a GPU's kernels may): on
+        # process 1 every validation looks better than the last
+        model, _, examples, cfg = setup(tmp / "early", **{{**{train!r}, "max_steps": 8, "save_every": 0,
+                                        "validation_split": 8, "validate_every": 1, "early_stopping_patience": 2,
+                                        "early_stopping_min_delta": 0.99}})
+        trainer = Trainer(model, cfg, examples)
+        if trainer.accelerator.process_index == 1:
+            trainer.validation_scores = lambda: {{"validation_loss": 100.0 - trainer.step,
+                                                  "validation_correct": trainer.step, "validation_exact_match": 0.0}}
+        result = trainer.train()
+        sys.stdout.write(f"EARLY rank {{trainer.accelerator.process_index}} steps {{result.steps}} best "
+                         f"{{result.best_step}}\\n")
+        sys.stdout.flush()
+        save_file({{k: v.contiguous() for k, v in lora.adapter_state_dict(model).items()}},
+                  str(tmp / f"early-{{trainer.accelerator.process_index}}.safetensors"))
+
         def kill_at_3(trainer, step, metrics):
             if step == 3 and trainer.accelerator.process_index == 1:
                 os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final checkpoint
@@ -179,6 +195,16 @@ def test_a_killed_two_process_run_resumes_on_two_processes_or_on_one_with_the_sa
                                          r"processes x batch_size 2 x grad_accum 2\); this one takes 4 rows .*"
                                          r"processes x batch_size x grad_accum = 8, or set resume=False"):
         Trainer(model, cfg, examples).train()
+
+
+def test_the_main_processs_validations_decide_what_every_process_keeps(two_processes):
+    # the steps, the kept step and the kept weights are the same on both processes, though process 1 measured
+    # otherwise: the main process's scores decide (an update from each process's own would keep two adapters)
+    tmp, proc = two_processes
+    runs = sorted(re.findall(r"EARLY rank \d steps \d+ best \d+", proc.stdout))
+    assert len(runs) == 2 and runs[0][len("EARLY rank 0"):] == runs[1][len("EARLY rank 1"):], proc.stdout[-2000:]
+    kept = [load_file(str(tmp / f"early-{rank}.safetensors")) for rank in (0, 1)]
+    assert all(torch.equal(kept[0][k], kept[1][k]) for k in kept[0])
 
 
 def test_ctrl_c_on_one_process_stops_all_of_them_at_the_same_step(two_processes):

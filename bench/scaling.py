@@ -355,23 +355,18 @@ def main() -> None:
         for stack in stacks if i % 2 == 0 else stacks[::-1]:  # alternate which stack runs first
             if (stack, cell.key) in done:  # a cell both tables hold (e.g. 135m at 512) runs once
                 r = dict(done[stack, cell.key], cell=dataclasses.asdict(cell))
-                results.append(r)
-                if args.results:
-                    with open(args.results, "a") as f:
-                        f.write(json.dumps(r) + "\n")
-                continue
-            r = child(stack, cell, args.steps, args.tokens_per_step, args.device, folder / f"{stack}-{i}", limit,
-                      args.threads)
-            done[stack, cell.key] = r
-            if r["fits"]:
-                r["mfu"] = r["flops_per_second"] / matmul
-                print(f"{cell.key} {stack}: {r['tokens_per_second']:.1f} real tokens/s "
-                      f"({r['tokens_per_cpu_second']:.1f} per CPU second), peak {r['peak'] / GB:.2f} GB "
-                      f"(before training {r['setup_peak'] / GB:.2f} GB), {r['mfu']:.0%} of the matmul peak",
-                      flush=True)
             else:
-                print(f"{cell.key} {stack}: does not fit: {r['error']}", flush=True)
-            r["load"] = os.getloadavg()[0]
+                r = done[stack, cell.key] = child(stack, cell, args.steps, args.tokens_per_step, args.device,
+                                                  folder / f"{stack}-{i}", limit, args.threads)
+                if r["fits"]:
+                    r["mfu"] = r["flops_per_second"] / matmul
+                    print(f"{cell.key} {stack}: {r['tokens_per_second']:.1f} real tokens/s "
+                          f"({r['tokens_per_cpu_second']:.1f} per CPU second), peak {r['peak'] / GB:.2f} GB "
+                          f"(before training {r['setup_peak'] / GB:.2f} GB), {r['mfu']:.0%} of the matmul peak",
+                          flush=True)
+                else:
+                    print(f"{cell.key} {stack}: does not fit: {r['error']}", flush=True)
+                r["load"] = os.getloadavg()[0]
             results.append(r)
             if args.results:
                 with open(args.results, "a") as f:

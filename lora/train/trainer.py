@@ -368,12 +368,11 @@ class Trainer:
     def _validate(self) -> dict[str, float]:
         """The validation slice's scores at this step; early stopping decides on them, every process the same way
         (the rule: :mod:`lora.train.early_stopping`)."""
-        # the main process's scores decide on every process: the same best step and weights kept everywhere,
-        # even where a GPU's kernels give processes slightly different numbers
+        # the main process's scores decide on every process: the same best step, kept weights and stop
+        # everywhere, even where a GPU's kernels give processes slightly different numbers
         scores, early = self.processes.main_value(self.validation_scores()), self.early_stopping
         correct = scores.get("validation_correct") if early.judge == "exact match" else None
-        early.stopped = self.processes.any(early.update(self.step, scores["validation_loss"], self.model,
-                                                        correct))  # all stop, or none
+        early.update(self.step, scores["validation_loss"], self.model, correct)
         if early.stopped:
             self.accelerator.print(
                 f"early stop at step {self.step} of {self.total_steps}: {self.cfg.early_stopping_patience} "

@@ -5,6 +5,8 @@ settings and steps, each stack in its own process.
     .venv/bin/python bench/grpo_vs_trl.py --steps 30 --rounds 2 --held-out 100
     .venv/bin/python bench/grpo_vs_trl.py --stacks lora --steps 5        # ours alone
 
+TRL comes with the bench extra: ``.venv/bin/python -m pip install -e ".[bench]"`` after ``scripts/bootstrap.sh``.
+
 Both fine-tune SmolLM2-135M-Instruct (the embedded model, fp32) with LoRA r=16, alpha=32 on every linear layer but
 the head, dropout 0, AdamW at a constant learning rate, gradient clipping at 1.0. Each optimizer step takes 4 prompts
 of ``lora/recipes/data/sums_train.jsonl`` (the same prompts in the same order for both: the order lora's plan draws
@@ -102,7 +104,10 @@ def run_stack(stack: str, steps: int, out: str, held_out: int, beta: float, temp
     else:
         import peft
         from datasets import Dataset
-        from trl import GRPOConfig, GRPOTrainer
+        try:
+            from trl import GRPOConfig, GRPOTrainer
+        except ImportError as e:
+            raise SystemExit(f'TRL is not installed ({e}): .venv/bin/python -m pip install -e ".[bench]"') from e
 
         from lora.train.rewards import number_match
 

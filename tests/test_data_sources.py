@@ -4,6 +4,8 @@ cached by content, and packs as the list of dicts did."""
 
 import bisect
 import csv
+import importlib
+import inspect
 import json
 import random
 
@@ -12,6 +14,7 @@ import pytest
 
 from conftest import make_bpe_tokenizer, make_char_tokenizer
 from lora.data import IGNORE, Examples, load_dataset, pack, read_jsonl
+from lora.data.cache import _tokenizing_code
 from lora.data.packing import best_fit_rows
 
 ALPACA = [{"instruction": "Name a color", "input": "sky", "output": "blue"},
@@ -278,6 +281,20 @@ def test_the_cache_key_follows_content_tokenizer_template_and_settings(tmp_path)
     assert entries() == 5
     load_dataset(path, tok, cache=False)
     assert entries() == 5
+
+
+def test_the_cache_key_hashes_every_module_the_tokenizing_code_uses():
+    # found another way than the cache finds them (by import statements): from what each module's globals hold at
+    # run time, starting at lora.data.dataset
+    seen, todo = set(), [importlib.import_module("lora.data.dataset")]
+    while todo:
+        module = todo.pop()
+        if module.__name__ not in seen:
+            seen.add(module.__name__)
+            owners = (v if inspect.ismodule(v) else inspect.getmodule(v) for v in vars(module).values())
+            todo += [m for m in owners if m is not None and m.__name__.startswith("lora.data.")]
+    assert {name.rpartition(".")[2] + ".py" for name in seen} == set(_tokenizing_code())
+    assert {"dataset.py", "encode.py", "chat.py"} <= set(_tokenizing_code())
 
 
 def test_a_damaged_cache_entry_is_tokenized_again(tmp_path, char_tokenizer):

@@ -168,10 +168,10 @@ def test_skipping_zero_advantage_completions_leaves_the_step_unchanged(tmp_path)
     completions, batch = fixed_batch(prompts)
     lengths = batch["completion_mask"].sum(1)
     advantages = group_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.25]), 3)  # the first group: no signal
+    skipped = trainer.plan._micro_batch([prompts[0], prompts[3]], batch["completion_ids"], lengths, advantages)
+    every_row = {**batch, "advantages": advantages, "terms": lengths.sum()}  # the step with every completion in it
     results = []
-    for keep_all in (False, True):
-        b = trainer.plan._micro_batch([prompts[0], prompts[3]], batch["completion_ids"], lengths, advantages,
-                                      keep_all=keep_all)
+    for b in (skipped, every_row):
         model.zero_grad()
         loss = trainer.loss_module(b) / trainer.batches.terms(b)
         loss.backward()

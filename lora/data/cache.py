@@ -10,6 +10,7 @@ space.
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
@@ -30,14 +31,27 @@ def cache_folder(cache: bool | str | os.PathLike | None) -> Path | None:
     return Path(cache).expanduser()
 
 
-# the modules whose code decides the tokens of a set: a change to any of them makes earlier entries unreadable
-_TOKENIZING_CODE = ("sources.py", "formats.py", "chat.py", "encode.py", "dataset.py", "storage.py", "cache.py")
+def _tokenizing_code() -> list[str]:
+    """The modules whose code decides the tokens of a set: dataset.py (which reads, formats and tokenizes it) and
+    every module of this package it imports, directly or through another, found from the imports themselves so
+    that a new module cannot be missed."""
+    here, todo, found = Path(__file__).parent, ["dataset"], set()
+    while todo:
+        name = todo.pop()
+        if name in found or not (here / f"{name}.py").is_file():
+            continue
+        found.add(name)
+        for node in ast.walk(ast.parse((here / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import ... / from . import x
+                todo += [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
+    return sorted(f"{name}.py" for name in found)
 
 
 @functools.cache
 def _code_version() -> str:
+    """A hash of :func:`_tokenizing_code`: a change to any of it makes earlier entries unreadable."""
     digest = hashlib.sha256()
-    for name in _TOKENIZING_CODE:
+    for name in _tokenizing_code():
         digest.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes())
     return digest.hexdigest()[:16]
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..data import IGNORE, collate, join_rows
+from . import budget
 
 
 class Batches:
@@ -55,7 +56,7 @@ class StepPlan:
         self.rows, self.batches, self.batch_size = rows, batches, batch_size
         self.world, self.rank, self.seed, self.packed = world, rank, seed, packed
         self.rows_per_step = batch_size * grad_accum * world
-        self.steps_per_epoch = max(1, math.ceil(len(rows) / self.rows_per_step))
+        self.steps_per_epoch = budget.steps_per_epoch(len(rows), self.rows_per_step)
 
     def step_rows(self, step: int) -> list[list[dict]]:
         """This process's micro-batches (lists of rows) for optimizer step ``step``."""

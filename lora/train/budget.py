@@ -54,6 +54,11 @@ def validation_count(examples: int, split: float) -> int:
     return MIN_VALIDATION if MIN_VALIDATION <= MAX_VALIDATION_SHARE * examples else 0
 
 
+def steps_per_epoch(rows: int, rows_per_step: int) -> int:
+    """Optimizer steps in one pass over ``rows``: the epoch's last step takes the rows left over."""
+    return max(1, math.ceil(rows / rows_per_step))
+
+
 def total_steps(steps_per_epoch: int, epochs: float, max_steps: int | None, min_steps: int) -> int:
     """Optimizer steps of a run: ``max_steps`` if set, else ``epochs`` passes, but at least ``min_steps``."""
     if max_steps:
@@ -68,7 +73,7 @@ def fitted_grad_accum(rows: int, batch_size: int, grad_accum: int, world: int, e
     if max_steps or not min_steps:
         return grad_accum
     for accum in range(grad_accum, 0, -1):
-        if math.ceil(epochs * math.ceil(rows / (batch_size * accum * world))) >= min_steps:
+        if total_steps(steps_per_epoch(rows, batch_size * accum * world), epochs, None, 0) >= min_steps:
             return accum
     return 1
 
@@ -104,13 +109,14 @@ def plan(examples: int, held_out: int, split: float, steps: int, steps_per_epoch
     return text
 
 
-def pace(steps: int, done: int, seconds: float) -> str:
-    """The estimate printed after the first step: ``~T minutes`` for the ``steps`` still to run (all of them, or
-    what a resumed run has left) at that step's pace."""
-    left = seconds / max(done, 1) * steps
+def pace(steps: int, seconds: float) -> str:
+    """The estimate printed after a run's first step, which took ``seconds``: ``~T minutes`` for the ``steps``
+    still to run (all of them, or what a resumed run has left) at that pace."""
+    left = seconds * steps
     return f"~{left / 60:.0f} minutes for {steps} steps at the pace of the first" if left >= 90 else \
         f"~{left:.0f} s for {steps} steps at the pace of the first"
 
 
 __all__ = ["MIN_VALIDATION", "MAX_VALIDATION_SHARE", "VALIDATIONS_PER_RUN", "MIN_SHARE", "validation_count",
-           "total_steps", "fitted_grad_accum", "validation_interval", "first_stop_step", "plan", "pace"]
+           "steps_per_epoch", "total_steps", "fitted_grad_accum", "validation_interval", "first_stop_step", "plan",
+           "pace"]

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import IGNORE, model_inputs
+from ..data import IGNORE
 from .budget import validation_count
 
 SHORT_ANSWER = 64  # tokens: the median last answer up to this long is judged by exact match
@@ -83,9 +83,7 @@ def _example_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``(B, T)``: which example each position belongs to, numbered across the batch. A packed row's examples
     start where its ``position_ids`` restart at 0; an unpacked row is one example."""
     rows, length = batch["targets"].shape
-    starts = torch.zeros(rows, length, dtype=torch.long, device=batch["targets"].device)
-    if "position_ids" in batch:
-        starts = (batch["position_ids"] == 0).long()
+    starts = (batch["position_ids"] == 0).long()  # collate gives every row position_ids (0s in the padding)
     starts[:, 0] = 1
     return (starts.flatten().cumsum(0) - 1).view(rows, length)
 
@@ -99,22 +97,11 @@ def answer_scores(objective: Any, batch: dict[str, torch.Tensor]) -> tuple[float
     """
     targets = batch["targets"]  # (B, T), already shifted: the token each position should predict
     keep = targets != IGNORE
-    wanted = targets[keep]  # (N,)
-    if objective.parts is not None:  # logits only where a label is, a chunk at a time
-        decoder, head = objective.parts
-        hidden = decoder(**model_inputs(batch)).last_hidden_state[keep]  # (N, H)
-        chunks = (head(hidden[s:s + objective.loss_chunk]) for s in range(0, len(wanted), objective.loss_chunk))
-    else:
-        out = objective._run_model(batch)
-        logits = (out if isinstance(out, torch.Tensor) else out.logits)[keep]  # (N, vocab)
-        chunks = (logits[s:s + objective.loss_chunk] for s in range(0, len(wanted), objective.loss_chunk))
-    loss, hits, start = 0.0, [], 0
-    for piece in chunks:
-        piece = piece.float()
-        part = wanted[start:start + len(piece)]
-        loss += float(F.cross_entropy(piece, part, reduction="sum"))
-        hits.append(piece.argmax(-1) == part)
-        start += len(piece)
+    labelled, head, wanted = objective.labelled(batch)  # (N, ...), (N,)
+    loss, hits = 0.0, []
+    for rows, logits in objective.chunked_logits(labelled, head):
+        loss += float(F.cross_entropy(logits, wanted[rows], reduction="sum"))
+        hits.append(logits.argmax(-1) == wanted[rows])
     hit = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool, device=targets.device)
     # The last answer of every example: the last run of labelled positions within it.
     example = _example_ids(batch)

@@ -5,7 +5,7 @@ packing keeps a model's examples apart."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -160,18 +160,33 @@ class BatchLoss(nn.Module):
             logits = out if isinstance(out, torch.Tensor) else out.logits
             return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                                    reduction="sum")
-        decoder, head = self.parts
-        hidden = decoder(**model_inputs(batch)).last_hidden_state  # (B, T, H)
-        keep = targets != IGNORE
-        hidden, wanted = hidden[keep], targets[keep]  # (N, H), (N,): only positions that carry a label
+        hidden, head, wanted = self.labelled(batch)
         if hidden.requires_grad and torch.is_grad_enabled() and not any(p.requires_grad for p in head.parameters()):
             return _HeadLoss.apply(hidden, wanted, head, self.loss_chunk)  # training: no (N, vocab) kept
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, len(wanted), self.loss_chunk):
-            # (chunk, vocab) logits exist one chunk at a time, never (B, T, vocab) in float32
-            logits = head(hidden[start:start + self.loss_chunk]).float()
-            total = total + F.cross_entropy(logits, wanted[start:start + self.loss_chunk], reduction="sum")
+        for rows, logits in self.chunked_logits(hidden, head):
+            total = total + F.cross_entropy(logits, wanted[rows], reduction="sum")
         return total
+
+    def labelled(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, nn.Module | None, torch.Tensor]:
+        """What the model computes at the positions that carry a label, in order: ``(N, H)`` hidden states and the
+        head that turns them into logits (with the shortcut), or the model's own ``(N, vocab)`` logits and no head;
+        and the ``(N,)`` labels."""
+        targets = batch["targets"]
+        keep = targets != IGNORE
+        if self.parts is None:
+            out = self._run_model(batch)
+            return (out if isinstance(out, torch.Tensor) else out.logits)[keep], None, targets[keep]
+        decoder, head = self.parts
+        return decoder(**model_inputs(batch)).last_hidden_state[keep], head, targets[keep]
+
+    def chunked_logits(self, labelled: torch.Tensor, head: nn.Module | None) \
+            -> Iterator[tuple[slice, torch.Tensor]]:
+        """``(rows, float32 logits)`` of :meth:`labelled`'s output, ``loss_chunk`` positions at a time: the
+        ``(chunk, vocab)`` logits exist one chunk at a time, never ``(B, T, vocab)`` in float32."""
+        for start in range(0, len(labelled), self.loss_chunk):
+            chunk = labelled[start:start + self.loss_chunk]
+            yield slice(start, start + len(chunk)), (chunk if head is None else head(chunk)).float()
 
     def pair_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's summed target log-probability under the policy and, without gradients, under the reference:
@@ -184,20 +199,10 @@ class BatchLoss(nn.Module):
     def target_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(rows,)``: the summed log-probability of each row's target tokens."""
         targets = batch["targets"]
-        keep = targets != IGNORE
-        row_of = keep.nonzero()[:, 0]  # (N,) the row of every position that carries a label
-        wanted = targets[keep]
-        if self.parts is None:
-            out = self._run_model(batch)
-            hidden, head = (out if isinstance(out, torch.Tensor) else out.logits)[keep], None  # (N, vocab)
-        else:
-            decoder, head = self.parts
-            hidden = decoder(**model_inputs(batch)).last_hidden_state[keep]  # (N, H)
-        pieces = []
-        for start in range(0, len(wanted), self.loss_chunk):
-            chunk = hidden[start:start + self.loss_chunk]
-            logits = (chunk if head is None else head(chunk)).float()
-            pieces.append(-F.cross_entropy(logits, wanted[start:start + self.loss_chunk], reduction="none"))
+        row_of = (targets != IGNORE).nonzero()[:, 0]  # (N,) the row of every position that carries a label
+        hidden, head, wanted = self.labelled(batch)
+        pieces = [-F.cross_entropy(logits, wanted[rows], reduction="none")
+                  for rows, logits in self.chunked_logits(hidden, head)]
         token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
         return token_logps.new_zeros(len(targets)).index_add(0, row_of, token_logps)
 

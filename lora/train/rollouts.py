@@ -25,6 +25,7 @@ import torch
 
 from ..generate import pad_left, sample_tokens
 from ..inject import disabled
+from . import budget
 from .grpo import GRPOConfig, completion_logps, group_advantages, loss_terms
 from .rewards import Rewards
 
@@ -94,7 +95,7 @@ class RolloutPlan:
         self.batch_size, self.world, self.rank = cfg.batch_size, trainer.world, trainer.accelerator.process_index
         self.seed = cfg.seed
         self.prompts_per_step = cfg.batch_size * cfg.grad_accum * trainer.world
-        self.generations_per_epoch = max(1, math.ceil(len(prompts) / self.prompts_per_step))
+        self.generations_per_epoch = budget.steps_per_epoch(len(prompts), self.prompts_per_step)
         self.steps_per_epoch = self.generations_per_epoch * config.grpo_iterations
         self.eos_token_id = tokenizer.eos_token_id
         self.current: Rollout | None = None
@@ -240,19 +241,19 @@ class RolloutPlan:
 
     @torch.no_grad()
     def _micro_batch(self, prompts: list[dict], tokens: torch.Tensor, lengths: torch.Tensor,
-                     advantages: torch.Tensor, keep_all: bool = False) -> dict[str, torch.Tensor]:
+                     advantages: torch.Tensor) -> dict[str, torch.Tensor]:
         """The trainer's micro-batch for one batch of prompts and their groups.
 
         With ``beta`` 0 a completion whose advantage is 0 (all of a group scored alike) adds nothing to the loss or
-        its gradient, so it is left out of the forward and backward (unless ``keep_all``); its tokens still count in
-        the divisor, so the step is exactly the one computed with it.
+        its gradient, so it is left out of the forward and backward; its tokens still count in the divisor, so the
+        step is exactly the one computed with it.
         """
         cfg, trainer = self.config, self.trainer
         device = trainer.accelerator.device
         width = int(lengths.max())
         mask = (torch.arange(width)[None, :] < lengths[:, None]).long()  # (rows, T)
         terms = loss_terms(mask, cfg.loss_normalization)
-        kept = torch.arange(len(tokens)) if cfg.beta or keep_all else (advantages != 0).nonzero().squeeze(1)
+        kept = torch.arange(len(tokens)) if cfg.beta else (advantages != 0).nonzero().squeeze(1)
         if len(kept) == 0:  # nothing to learn here (the stand-in's advantage is 0), but every process must still
             kept = torch.tensor([0])  # run a forward and backward: DDP's gradient all-reduce waits for it
         group_of = kept // cfg.group_size  # the prompt each kept row answers

@@ -98,7 +98,7 @@ class Trainer:
         if self.deepspeed:
             configure_deepspeed(self.accelerator, config)
         self.validation_data: list[dict] = []
-        self.examples = len(train_data)
+        self.example_count = len(train_data)  # before the validation slice is taken out
         if config.validation_split:  # sized by lora/train/budget.py: none for a set too small to spare a slice
             train_data, self.validation_data = split_validation(train_data, config.validation_split, config.seed)
         self.early_stopping = EarlyStopping(config.early_stopping_patience or math.inf,
@@ -203,7 +203,7 @@ class Trainer:
         early = self.early_stopping
         stopping = early is not None and math.isfinite(early.patience)
         rows = getattr(self.plan, "rows_per_step", None)
-        return budget.plan(self.examples, len(self.validation_data), self.cfg.validation_split, self.total_steps,
+        return budget.plan(self.example_count, len(self.validation_data), self.cfg.validation_split, self.total_steps,
                            self.plan.steps_per_epoch, rows or self.plan.prompts_per_step, stopping,
                            early.stop_from if early else 0, early.judge if early else None,
                            (self.asked_grad_accum, self.cfg.grad_accum), "rows" if rows else "prompts")
@@ -253,7 +253,7 @@ class Trainer:
 
                 elapsed = time.perf_counter() - start_time
                 if self.step == first_step + 1 and self.step < self.total_steps:
-                    acc.print(budget.pace(self.total_steps - first_step, 1, elapsed))
+                    acc.print(budget.pace(self.total_steps - first_step, elapsed))
                 metrics = {"loss": last_loss, "lr": self.optimizer.param_groups[0]["lr"],
                            "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
                            **self.plan.metrics(self.step)}  # GRPO's rewards (all processes call it)

@@ -4,6 +4,7 @@
     .venv/bin/python bench/suite.py --tasks all --label defaults --json bench/suite.jsonl
     .venv/bin/python bench/suite.py --tasks held-out --label full-epoch -- early_stopping_patience=0 validation_split=0
     .venv/bin/python bench/suite.py --tasks snake_case --size snake_case=16 --eval-examples 8 -- max_steps=1  # smoke
+    .venv/bin/python bench/suite.py --code /tmp/old --label old-defaults  # a worktree: git worktree add /tmp/old REV
     .venv/bin/python bench/suite.py --generate-only --out /tmp/lora-suite     # only write the task files
 
 The tasks live in bench/tasks/ (their table is in its docstring). For every selected task the suite writes
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -61,20 +63,25 @@ def sizes(task: Task, args: argparse.Namespace) -> tuple[int, int]:
     return train, evals
 
 
-def run_recipe(task: Task, train_file: Path, eval_file: Path, run_dir: Path, extra: list[str], verbose: bool) \
-        -> tuple[int, float, Path]:
-    """Run recipes/sft.py on one task; returns (exit status, wall seconds, log file)."""
+def run_recipe(task: Task, train_file: Path, eval_file: Path, run_dir: Path, extra: list[str], verbose: bool,
+               code: Path = ROOT) -> tuple[int, float, Path]:
+    """Run ``code``'s recipes/sft.py on one task; returns (exit status, wall seconds, log file).
+
+    ``code`` is this checkout, or another one (a ``git worktree`` of an older commit) whose ``lora`` package is put
+    first on the path, so that older defaults run on the same tasks in the same session."""
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a stale metrics.json or checkpoint must not pass for this run's
     run_dir.mkdir(parents=True)
     log = run_dir / "log.txt"
-    command = [sys.executable, str(RECIPE), f"train_file={train_file}", f"eval_file={eval_file}",
-               f"output_dir={run_dir / 'run'}", f"adapter_dir={run_dir / 'adapter'}", *extra]
+    command = [sys.executable, str(code / RECIPE.relative_to(ROOT)), f"train_file={train_file}",
+               f"eval_file={eval_file}", f"output_dir={run_dir / 'run'}", f"adapter_dir={run_dir / 'adapter'}", *extra]
     start = time.perf_counter()
     with log.open("w") as f:
         f.write(" ".join(command) + "\n")
         f.flush()
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))}
+        process = subprocess.Popen(command, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True)
         for line in process.stdout:
             f.write(line)
             if verbose:
@@ -186,9 +193,9 @@ def summary(rows: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def _commit() -> str | None:
+def _commit(code: Path) -> str | None:
     try:  # read-only: which code the figures belong to
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code, capture_output=True, text=True,
                               check=True).stdout.strip() or None
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -220,7 +227,12 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints folder")
     parser.add_argument("--generate-only", action="store_true", help="write the task files and stop")
     parser.add_argument("--verbose", action="store_true", help="echo the recipe's output as it runs")
+    parser.add_argument("--code", type=Path, default=ROOT, metavar="DIR",
+                        help="run the recipe of this checkout (e.g. a git worktree of an older commit)")
     args = parser.parse_args(ours)
+    args.code = args.code.resolve()
+    if not (args.code / RECIPE.relative_to(ROOT)).is_file():
+        parser.error(f"--code {args.code} has no {RECIPE.relative_to(ROOT)}; give the root of a checkout")
     args.size = dict(args.size)
     if args.examples_scale <= 0 or (args.eval_examples is not None and args.eval_examples < 1):
         parser.error("--examples-scale must be > 0 and --eval-examples >= 1")
@@ -242,12 +254,12 @@ def main(argv: list[str]) -> list[dict]:
     if args.generate_only:
         return []
     rows = []
-    commit = _commit()
+    commit = _commit(args.code)
     for task in chosen:
         train_file, eval_file = files[task.name]
         run_dir = args.out / "runs" / args.label / task.name
         print(f"{task.name}: training (log: {run_dir / 'log.txt'})", flush=True)
-        status, wall, log = run_recipe(task, train_file, eval_file, run_dir, extra, args.verbose)
+        status, wall, log = run_recipe(task, train_file, eval_file, run_dir, extra, args.verbose, args.code)
         train_n, eval_n = sizes(task, args)
         row = {"label": args.label, "task": task.name, "kind": task.kind, "role": task.role, "format": task.format,
                "scoring": task.scoring, "train_examples": train_n, "eval_examples": eval_n, "seed": args.seed,

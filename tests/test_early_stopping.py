@@ -76,7 +76,7 @@ def test_no_stop_before_stop_from_however_flat_the_validations():
     model = torch.nn.Linear(2, 2)
     stop = EarlyStopping(patience=1, min_delta=0.02, stop_from=7)
     assert [stop.update(s, 1.0, model) for s in (2, 4, 6, 8)] == [False, False, False, True]
-    assert first_stop_step(100, 0.05) == 25 and first_stop_step(10, 0.5) == 5  # a quarter, or once warm-up is over
+    assert first_stop_step(100, 0.05) == 50 and first_stop_step(10, 0.6) == 6  # half, or once warm-up is over
 
 
 def judged_by_loss(trainer: Trainer) -> Trainer:
@@ -89,7 +89,8 @@ def judged_by_loss(trainer: Trainer) -> Trainer:
 
 def test_training_stops_early_and_keeps_the_best_weights(tmp_path):
     # min_delta so large that no evaluation after the first counts as better: best at step 2, stop at step 6
-    model, _, examples, cfg = setup(tmp_path, max_steps=20, batch_size=2, learning_rate=5e-3, validation_split=8,
+    # (12 steps: no stop before half of them, step 6)
+    model, _, examples, cfg = setup(tmp_path, max_steps=12, batch_size=2, learning_rate=5e-3, validation_split=8,
                                     validate_every=2, early_stopping_patience=2, early_stopping_min_delta=0.99)
     seen = {}
     result = judged_by_loss(Trainer(model, cfg, examples,
@@ -102,7 +103,7 @@ def test_training_stops_early_and_keeps_the_best_weights(tmp_path):
 
 
 def test_the_final_checkpoint_holds_the_kept_weights_when_the_stop_step_was_already_saved(tmp_path):
-    model, _, examples, cfg = setup(tmp_path, max_steps=20, batch_size=2, learning_rate=5e-3, validation_split=8,
+    model, _, examples, cfg = setup(tmp_path, max_steps=12, batch_size=2, learning_rate=5e-3, validation_split=8,
                                     validate_every=2, early_stopping_patience=2, early_stopping_min_delta=0.99,
                                     save_every=3)  # step 6, where it stops, is saved before the best is put back
     result = judged_by_loss(Trainer(model, cfg, examples)).train()
@@ -128,7 +129,7 @@ def test_a_run_stopped_and_resumed_stops_where_an_uninterrupted_one_does(tmp_pat
     dropout = 0.1
     model, _, examples, cfg = setup(tmp_path / "a", dropout=dropout, **train)
     trainer = judged_by_loss(Trainer(model, cfg, examples))
-    assert (trainer.total_steps, trainer.validate_every, trainer.early_stopping.stop_from) == (20, 2, 5)
+    assert (trainer.total_steps, trainer.validate_every, trainer.early_stopping.stop_from) == (20, 2, 10)
     whole = trainer.train()
     assert whole.stopped_early and whole.steps < 20
     uninterrupted = lora.adapter_state_dict(model)

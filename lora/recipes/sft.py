@@ -38,7 +38,7 @@ class SFT:
     # optimizer steps however small the set (more passes over it); 5% of the examples held out, at least 48 (none
     # for a set that cannot spare them), judged by exact match where answers are short, ~12 times a run; a stop
     # after 2 validations in a row without progress (one more answer right, or as many at a loss 2% lower), never
-    # before a quarter of the steps, keeping the best weights. early_stopping_patience=0 validation_split=0 min_steps=0
+    # before half of the steps, keeping the best weights. early_stopping_patience=0 validation_split=0 min_steps=0
     # trains exactly `epochs` (1) passes.
     DEFAULTS = {"r": 16, "alpha": 32, "learning_rate": 1e-3, "epochs": 1.0, "batch_size": 2, "grad_accum": 4,
                 "seq_len": 512, "output_dir": "runs/sft", "log_every": 1, "min_steps": 16, "validation_split": 0.05,

@@ -19,8 +19,11 @@ The rules (issue 20; measured on the task suite in ``bench/suite.py``, results i
 - **Cadence.** ``validate_every=0`` with a validation slice judges it about :data:`VALIDATIONS_PER_RUN` times per
   run, so the slice's forward passes stay a bounded share of the run (one validation of 48 short examples costs
   about half a training step of 8 packed rows).
-- **No stop too soon**: not during warm-up, and not before :data:`MIN_SHARE` of the steps (the learning rate is
-  still at its peak then, and one lucky measurement would end the run).
+- **No stop too soon**: not during warm-up, and not before :data:`MIN_SHARE` of the steps. Under the cosine schedule
+  much of what a run learns comes as the learning rate falls: on the suite's booking_fields a stop allowed from a
+  quarter of the run ended it at step 8 of 19 with the weights of step 4 (91% held-out exact match) after the slice
+  had stayed flat from step 4 to 8, where the whole epoch reached 99%. From half of the run on, a run still ends
+  early once it has long stopped improving.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import math
 MIN_VALIDATION = 48  # examples: one example is ~2 points of exact match, coarse but enough to see a plateau
 MAX_VALIDATION_SHARE = 0.2  # the floor above is applied only where it is at most this share of the set
 VALIDATIONS_PER_RUN = 12  # validate_every=0: about this many validations per run
-MIN_SHARE = 0.25  # no early stop before this share of the run's steps
+MIN_SHARE = 0.5  # no early stop before this share of the run's steps
 
 
 def validation_count(examples: int, split: float) -> int:

@@ -65,7 +65,7 @@ class TrainConfig:
             (:mod:`lora.train.early_stopping`).
         validate_every: Judge the validation slice every N steps (and after the last); 0: about 12 times a run.
         early_stopping_patience: Stop once this many validations in a row made no progress, but not during
-            warm-up nor before a quarter of the steps, and keep the weights of the best one (0: never stop early;
+            warm-up nor before half of the steps, and keep the weights of the best one (0: never stop early;
             with a validation split, the best weights are still the ones kept).
         early_stopping_min_delta: The relative fall of the validation loss that counts as progress (0.02: 2%
             below the best); with exact match, one more answer right always does.

@@ -17,6 +17,8 @@ clipped objective (TRL's ``loss_type="dapo"``, our ``loss_normalization="token"`
 - TRL: ``GRPOTrainer(peft_config=LoraConfig(...))``, its defaults otherwise, but fp32 (``bf16=False``: bf16 matrix
   products on this CPU are hundreds of times slower); it keeps its default gradient checkpointing unless
   ``--trl-no-checkpointing``. With beta > 0 its reference is the adapter-off model, as ours.
+  ``--lora-checkpointing`` turns ours on too (then each completion runs joined to its prompt: a recomputed layer
+  cannot share the prompt's KV cache).
 - lora: :class:`lora.train.GRPOTrainer` with the recipe's defaults for everything this script does not set.
 
 Printed per run: seconds per optimizer step (generation, scoring and update together; set-up excluded), peak RSS
@@ -76,7 +78,7 @@ def held_out_accuracy(model, tokenizer, prompts: list[dict]) -> float:
 
 
 def run_stack(stack: str, steps: int, out: str, held_out: int, beta: float, temperature: float, lr: float,
-              trl_checkpointing: bool) -> dict:
+              trl_checkpointing: bool, lora_checkpointing: bool = False) -> dict:
     import torch
 
     import lora
@@ -92,7 +94,8 @@ def run_stack(stack: str, steps: int, out: str, held_out: int, beta: float, temp
         lora.inject(model, lora.LoraConfig(r=R, alpha=ALPHA, dropout=0.0))
         trainer = GRPOTrainer(model, TrainConfig(output_dir=out, max_steps=steps, learning_rate=lr,
                                                  batch_size=PROMPTS_PER_STEP, seq_len=256, warmup_ratio=0.0,
-                                                 schedule="constant", log_every=1000, seed=0),
+                                                 schedule="constant", log_every=1000, seed=0,
+                                                 gradient_checkpointing=lora_checkpointing),
                               GRPOConfig(group_size=GROUP, max_new_tokens=MAX_NEW, temperature=temperature, beta=beta,
                                          loss_normalization="token"),
                               prompts, ["number_match"], tokenizer)
@@ -162,12 +165,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--trl-no-checkpointing", action="store_true",
                         help="turn off TRL's default gradient checkpointing")
+    parser.add_argument("--lora-checkpointing", action="store_true",
+                        help="turn on our gradient checkpointing (TrainConfig.gradient_checkpointing), as TRL has it")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        stack, steps, out, held_out, beta, temperature, lr, ckpt = args.child
+        stack, steps, out, held_out, beta, temperature, lr, ckpt, ours_ckpt = args.child
         print("RESULT", json.dumps(run_stack(stack, int(steps), out, int(held_out), float(beta), float(temperature),
-                                             float(lr), ckpt == "1")))
+                                             float(lr), ckpt == "1", ours_ckpt == "1")))
         return
 
     import lora
@@ -184,7 +189,8 @@ def main() -> None:
     for round_ in range(args.rounds):
         for stack in stacks if round_ % 2 == 0 else stacks[::-1]:
             r = child("--child", stack, str(args.steps), str(folder / f"{stack}-{round_}"), str(args.held_out),
-                      str(beta), str(temperature), str(lr), "0" if args.trl_no_checkpointing else "1")
+                      str(beta), str(temperature), str(lr), "0" if args.trl_no_checkpointing else "1",
+                      "1" if args.lora_checkpointing else "0")
             runs[stack].append(r)
             acc = "" if r["held_out_accuracy"] is None else f", held-out accuracy {r['held_out_accuracy']:.0%}"
             print(f"round {round_ + 1} {stack}: {r['seconds_per_step']:.1f} s/step, peak RSS "
@@ -192,7 +198,8 @@ def main() -> None:
             print(f"  reward per step: {' '.join(f'{x:.2f}' for x in r['rewards'])}", flush=True)
     print(f"\nsums, {args.steps} steps x {PROMPTS_PER_STEP} prompts x {GROUP} completions, beta={beta}, temperature="
           f"{temperature}, lr={lr}, LoRA r={R}, fp32 on {os.cpu_count()} CPU cores, TRL gradient checkpointing "
-          f"{'off' if args.trl_no_checkpointing else 'on (its default)'}")
+          f"{'off' if args.trl_no_checkpointing else 'on (its default)'}, ours "
+          f"{'on' if args.lora_checkpointing else 'off'}")
     print("| stack | s/step | peak RSS | mean reward, all steps | mean reward, last 5 | held-out accuracy after |")
     print("|---|---|---|---|---|---|")
     for stack, rs in runs.items():

@@ -17,7 +17,6 @@ for the micro-batches of step ``step`` (``window``), and for what a checkpoint m
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a pack
 from tasks import TASKS, Task, write_task
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "sft.py"
+RECIPE = Path("recipes") / "sft.py"  # in this checkout, or in the one given as --code
 SET_BY_SUITE = ("train_file", "eval_file", "output_dir", "adapter_dir")
 GROUPS = {"tuning": lambda t: t.role == "tuning", "held-out": lambda t: t.role == "held-out", "all": lambda t: True}
 
@@ -73,7 +73,7 @@ def run_recipe(task: Task, train_file: Path, eval_file: Path, run_dir: Path, ext
         shutil.rmtree(run_dir)  # a stale metrics.json or checkpoint must not pass for this run's
     run_dir.mkdir(parents=True)
     log = run_dir / "log.txt"
-    command = [sys.executable, str(code / RECIPE.relative_to(ROOT)), f"train_file={train_file}",
+    command = [sys.executable, str(code / RECIPE), f"train_file={train_file}",
                f"eval_file={eval_file}", f"output_dir={run_dir / 'run'}", f"adapter_dir={run_dir / 'adapter'}", *extra]
     start = time.perf_counter()
     with log.open("w") as f:
@@ -231,8 +231,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="run the recipe of this checkout (e.g. a git worktree of an older commit)")
     args = parser.parse_args(ours)
     args.code = args.code.resolve()
-    if not (args.code / RECIPE.relative_to(ROOT)).is_file():
-        parser.error(f"--code {args.code} has no {RECIPE.relative_to(ROOT)}; give the root of a checkout")
+    if not (args.code / RECIPE).is_file():
+        parser.error(f"--code {args.code} has no {RECIPE}; give the root of a checkout")
     args.size = dict(args.size)
     if args.examples_scale <= 0 or (args.eval_examples is not None and args.eval_examples < 1):
         parser.error("--examples-scale must be > 0 and --eval-examples >= 1")

@@ -57,6 +57,7 @@ class StepPlan:
         self.world, self.rank, self.seed, self.packed = world, rank, seed, packed
         self.rows_per_step = batch_size * grad_accum * world
         self.steps_per_epoch = budget.steps_per_epoch(len(rows), self.rows_per_step)
+        self.step_size = (self.rows_per_step, "rows")  # what the run's plan line says one step takes
 
     def step_rows(self, step: int) -> list[list[dict]]:
         """This process's micro-batches (lists of rows) for optimizer step ``step``."""

@@ -95,6 +95,7 @@ class RolloutPlan:
         self.seed = cfg.seed
         self.prompts_per_step = cfg.batch_size * cfg.grad_accum * trainer.world
         self.generations_per_epoch = budget.steps_per_epoch(len(prompts), self.prompts_per_step)
+        self.step_size = (self.prompts_per_step, "prompts")  # what the run's plan line says one step takes
         self.steps_per_epoch = self.generations_per_epoch * config.grpo_iterations
         self.eos_token_id = tokenizer.eos_token_id
         self.current: Rollout | None = None

@@ -202,11 +202,10 @@ class Trainer:
         """What this run will do, in a line: examples, steps, epochs, the validation slice and its judge."""
         early = self.early_stopping
         stopping = early is not None and math.isfinite(early.patience)
-        rows = getattr(self.plan, "rows_per_step", None)
+        per_step, unit = self.plan.step_size
         return budget.plan(self.example_count, len(self.validation_data), self.cfg.validation_split, self.total_steps,
-                           self.plan.steps_per_epoch, rows or self.plan.prompts_per_step, stopping,
-                           early.stop_from if early else 0, early.judge if early else None,
-                           (self.asked_grad_accum, self.cfg.grad_accum), "rows" if rows else "prompts")
+                           self.plan.steps_per_epoch, per_step, stopping, early.stop_from if early else 0,
+                           early.judge if early else None, (self.asked_grad_accum, self.cfg.grad_accum), unit)
 
     def validation_scores(self) -> dict[str, float]:
         """The validation slice's loss and, for language-model examples, exact match (one forward pass, see
